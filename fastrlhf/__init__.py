@@ -1,0 +1,27 @@
+"""fastrlhf: fused kernels and a lean single-GPU trainer for PPO, PPO-max and APA.
+
+Public functional API (see README): every op dispatches through `fastrlhf.ops`.
+"""
+from .ops import (
+    apa_policy_loss,
+    batch_entropy,
+    gae,
+    kl_penalty,
+    logprobs_and_entropy,
+    policy_loss_from_logits,
+    ppo_policy_loss,
+    sample_tokens,
+    token_entropy,
+    token_logprobs,
+    use_backend,
+    value_loss,
+    whiten,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apa_policy_loss", "batch_entropy", "gae", "kl_penalty", "logprobs_and_entropy",
+    "policy_loss_from_logits", "ppo_policy_loss", "sample_tokens", "token_entropy", "token_logprobs",
+    "use_backend", "value_loss", "whiten",
+]

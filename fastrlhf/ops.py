@@ -1,0 +1,321 @@
+"""The one dispatch point: every public op checks its inputs here, then runs on one backend.
+
+Backends:
+    "torch"   fastrlhf.ref (plain PyTorch; any device)
+    "triton"  fastrlhf.kernels.* (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+    "ext"     the C++/CUDA extension fastrlhf._C (GAE and sampling; CPU and CUDA)
+
+Choice, per call: `use_backend(name)` (a context manager, for tests) beats the environment
+variable FASTRLHF_BACKEND=torch|triton|auto, which beats "auto". "auto" sends CUDA tensors to
+Triton, the sequential ops (gae, sample_tokens) to the extension, and everything else to torch.
+When the chosen fast path cannot be loaded, the reference runs and one warning per op says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from . import ref
+from .ref import ALGOS, KL_ESTIMATORS, LossConfig
+
+BACKENDS = ("auto", "torch", "triton")
+
+# op name -> {backend: "module:function"}; modules are imported on first use.
+_IMPLS = {
+    "logprobs_and_entropy": {"torch": "fastrlhf.ref:logprobs_and_entropy",
+                             "triton": "fastrlhf.kernels.token_logprobs:logprobs_and_entropy"},
+    "policy_loss_from_logits": {"torch": "fastrlhf.ref:policy_loss_from_logits",
+                                "triton": "fastrlhf.kernels.policy_loss:policy_loss_from_logits"},
+    "policy_rows": {"torch": "fastrlhf.ref:policy_rows",
+                    "triton": "fastrlhf.kernels.policy_loss:policy_rows"},
+    "batch_entropy": {"torch": "fastrlhf.ref:batch_entropy",
+                      "triton": "fastrlhf.kernels.batch_entropy:batch_entropy"},
+    "gae": {"torch": "fastrlhf.ref:gae", "ext": "fastrlhf.extension:gae"},
+    "sample_tokens": {"torch": "fastrlhf.ref:sample_tokens", "ext": "fastrlhf.extension:sample_tokens"},
+}
+
+_override: Optional[str] = None
+_loaded: dict = {}
+_warned: set = set()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend ("torch", "triton" or "auto") inside a `with` block."""
+    global _override
+    _check_backend_name(name, "use_backend(name)")
+    old, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def _check_backend_name(name, where):
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: expected one of {BACKENDS}, got {name!r}")
+
+
+def requested_backend() -> str:
+    name = _override or os.environ.get("FASTRLHF_BACKEND", "auto").strip().lower() or "auto"
+    _check_backend_name(name, "FASTRLHF_BACKEND")
+    return name
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load(spec: str) -> Callable:
+    if spec not in _loaded:
+        module, fn = spec.split(":")
+        _loaded[spec] = getattr(importlib.import_module(module), fn)
+    return _loaded[spec]
+
+
+def _warn_once(op: str, message: str):
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(f"fastrlhf: {op}: {message}; running the PyTorch reference", RuntimeWarning,
+                      stacklevel=3)
+
+
+def impl(op: str, device: torch.device) -> Callable:
+    """The function that runs `op` for tensors on `device` under the current backend choice."""
+    impls = _IMPLS[op]
+    want = requested_backend()
+    if want == "torch":
+        return _load(impls["torch"])
+    if "ext" in impls:
+        backend = "ext"
+    elif want == "triton" or device.type == "cuda":
+        backend = "triton"
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"FASTRLHF_BACKEND=triton: CPU tensors need TRITON_INTERPRET=1 (set before "
+                             f"triton is imported); got tensors on {device}")
+    else:
+        return _load(impls["torch"])
+    try:
+        fn = _load(impls[backend])
+    except Exception as exc:  # missing triton, a failed extension build, ...
+        if want == "triton":
+            raise
+        _warn_once(op, f"{backend} backend unavailable ({type(exc).__name__}: {exc})")
+        return _load(impls["torch"])
+    return fn
+
+
+# ----------------------------------------------------------------------------
+# Input checks: errors name the argument, the expected and the actual value
+# ----------------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected a floating dtype {_FLOATS}, got {t.dtype}")
+
+
+def _check_labels(name, labels, logits_shape, ignore_index=None, mask=None):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{name}: expected an integer dtype, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(logits_shape[:-1]):
+        raise ValueError(f"{name}: expected shape {tuple(logits_shape[:-1])} (logits.shape[:-1]), "
+                         f"got {tuple(labels.shape)}")
+    if labels.numel() == 0 or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    vocab = logits_shape[-1]
+    bad = (labels < 0) | (labels >= vocab)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if mask is not None:
+        bad &= mask.bool()
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"{name}: expected values in [0, {vocab})"
+                         + (f" or {ignore_index}" if ignore_index is not None else "")
+                         + f", got {first}")
+
+
+def _check_same(name, t, shape, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the first argument), got {t.device}")
+
+
+def _check_temperature(temperature):
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+
+
+# ----------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------
+
+def logprobs_and_entropy(logits, labels, *, temperature=1.0, ignore_index=-100):
+    """logits [..., V], labels [...] -> (log p(label), entropy), both float32 [...], in one pass.
+
+    The log-prob is 0 where labels == ignore_index. Differentiable w.r.t. logits."""
+    _check_float("logits", logits)
+    _check_temperature(temperature)
+    _check_labels("labels", labels, logits.shape, ignore_index)
+    _check_same("labels", labels, logits.shape[:-1], logits.device)
+    fn = impl("logprobs_and_entropy", logits.device)
+    return fn(logits, labels, temperature=temperature, ignore_index=ignore_index)
+
+
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
+    """logits [..., V], labels [...] -> log p(label) float32 [...]; 0 at ignore_index."""
+    return logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index)[0]
+
+
+def token_entropy(logits, *, temperature=1.0):
+    """logits [..., V] -> entropy of softmax(logits/τ), float32 [...]."""
+    _check_float("logits", logits)
+    labels = torch.full(logits.shape[:-1], -100, dtype=torch.long, device=logits.device)
+    return logprobs_and_entropy(logits, labels, temperature=temperature)[1]
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token KL estimate (k1 | k2 | k3) of π against π_ref from the sampled token's log-probs."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
+    _check_float("logprobs", logprobs)
+    _check_float("ref_logprobs", ref_logprobs)
+    _check_same("ref_logprobs", ref_logprobs, logprobs.shape, logprobs.device)
+    return ref.kl_penalty(logprobs, ref_logprobs, estimator)
+
+
+def _check_token_tensors(first_name, first, **others):
+    _check_float(first_name, first)
+    for name, t in others.items():
+        _check_same(name, t, first.shape, first.device)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
+    """Clipped PPO surrogate, masked mean over all tokens -> (loss, stats)."""
+    _check_token_tensors("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
+    return ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
+                               clip_high=clip_high, dual_clip=dual_clip)
+
+
+def apa_policy_loss(logprobs, ref_logprobs, advantages, mask, *, adv_coeff=10.0):
+    """APA loss (ℓ − ℓ_ref − adv_coeff·A)², masked mean -> (loss, stats)."""
+    _check_token_tensors("logprobs", logprobs, ref_logprobs=ref_logprobs, advantages=advantages, mask=mask)
+    return ref.apa_policy_loss(logprobs, ref_logprobs, advantages, mask, adv_coeff=adv_coeff)
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2):
+    """Clipped value loss ½·max((V−R)², (V_clip−R)²), masked mean -> (loss, stats)."""
+    _check_token_tensors("values", values, old_values=old_values, returns=returns, mask=mask)
+    return ref.value_loss(values, old_values, returns, mask, clip=clip)
+
+
+def batch_entropy(logits, mask, *, temperature=1.0):
+    """logits [B, T, V], mask [B, T] -> H_batch, the mean over positions of the entropy of the
+    batch-mean distribution (DESIGN §3). Scalar float32, differentiable."""
+    _check_float("logits", logits)
+    _check_temperature(temperature)
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected 3 dims [B, T, V], got shape {tuple(logits.shape)}")
+    _check_same("mask", mask, logits.shape[:2], logits.device)
+    return impl("batch_entropy", logits.device)(logits, mask, temperature=temperature)
+
+
+def make_loss_config(*, algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                     adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
+                     batch_entropy_coef=0.0) -> LossConfig:
+    """Checked `LossConfig` from the keyword knobs of the policy-loss calls."""
+    if algo not in ALGOS:
+        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    _check_temperature(temperature)
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low: expected 0 <= clip_low < 1, got {clip_low!r}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high: expected clip_high >= 0, got {clip_high!r}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
+    return LossConfig(algo=algo, temperature=float(temperature), clip_low=float(clip_low),
+                      clip_high=float(clip_high), dual_clip=None if dual_clip is None else float(dual_clip),
+                      adv_coeff=float(adv_coeff), entropy_coef=float(entropy_coef), kl_coef=float(kl_coef),
+                      kl_estimator=kl_estimator, batch_entropy_coef=float(batch_entropy_coef))
+
+
+def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, *, algo="ppo",
+                            temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None, adv_coeff=10.0,
+                            entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3", batch_entropy_coef=0.0):
+    """The one call a trainer needs per micro-batch.
+
+    logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
+    loss = masked mean over tokens of (policy loss ("ppo" or "apa") + kl_coef·KL − entropy_coef·H)
+           − batch_entropy_coef·H_batch.
+    Returns (loss, out): out has detached per-token `logprobs`, `entropy`, `kl` and scalar stats
+    (`clip_frac`, `approx_kl`, `entropy_mean`, `kl_mean`, `num_tokens`, `nonfinite_tokens`, ...).
+    """
+    cfg = make_loss_config(algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
+                           dual_clip=dual_clip, adv_coeff=adv_coeff, entropy_coef=entropy_coef,
+                           kl_coef=kl_coef, kl_estimator=kl_estimator, batch_entropy_coef=batch_entropy_coef)
+    _check_float("logits", logits)
+    shape = logits.shape[:-1]
+    _check_same("mask", mask, shape, logits.device)
+    _check_labels("labels", labels, logits.shape, mask=mask)
+    _check_same("labels", labels, shape, logits.device)
+    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        _check_float(name, t)
+        _check_same(name, t, shape, logits.device)
+    if batch_entropy_coef and logits.dim() != 3:
+        raise ValueError(f"logits: batch_entropy_coef needs 3 dims [B, T, V], got shape {tuple(logits.shape)}")
+    fn = impl("policy_loss_from_logits", logits.device)
+    return fn(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg)
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """rewards, values, mask [B, T] (right-padded: mask is a prefix of ones per row) ->
+    (advantages, returns) [B, T] float32; values past the last valid token count as 0."""
+    _check_token_tensors("rewards", rewards, values=values, mask=mask)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected 2 dims [B, T], got shape {tuple(rewards.shape)}")
+    m = mask.bool()
+    if m.shape[1] > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
+        raise ValueError("mask: expected a prefix of ones per row (right padding), got a 0 followed by a 1")
+    return impl("gae", rewards.device)(rewards, values, mask, gamma=float(gamma), lam=float(lam))
+
+
+def whiten(x, mask, *, shift_mean=True):
+    """Masked whitening over valid tokens; safe with 0 or 1 valid token."""
+    _check_token_tensors("x", x, mask=mask)
+    return ref.whiten(x, mask, shift_mean=shift_mean)
+
+
+def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits [B, V] -> (tokens [B] int64, log-prob of each token under the tempered full softmax).
+
+    temperature, then top-k, then top-p, then the draw; temperature == 0 or top_k == 1 is greedy."""
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected 2 dims [B, V], got shape {tuple(logits.shape)}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    return impl("sample_tokens", logits.device)(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                generator=generator)

@@ -1,0 +1,468 @@
+"""Pure-PyTorch reference of every fastrlhf op.
+
+This file is the spec (DESIGN.md §3), the CPU path and the test oracle. Every fast
+path (Triton kernels, the CUDA extension, the fused linear path) computes the
+same functions as the code below.
+
+Notation, per token: logits ``x ∈ R^V``, temperature ``τ``, ``z = x/τ``, label
+``y``, ``lse = log Σ_v e^{z_v}``, ``p = softmax(z)``, mask ``m ∈ {0, 1}``.
+
+    log-prob  ℓ = z_y − lse                 dℓ/dz = onehot(y) − p
+    entropy   H = lse − Σ_v p_v z_v          dH/dz = −p ⊙ (z − Σ_u p_u z_u)
+
+Gradients w.r.t. the raw logits carry an extra factor ``1/τ``. Statistics are
+accumulated in float32 whatever the input dtype. Work over the vocabulary axis is
+chunked over rows (``_row_chunks``) so that no float32 copy of the whole
+``[N, V]`` logits is ever alive: peak extra memory is one chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Rows per chunk are picked so one float32 chunk of [rows, V] is at most this many bytes.
+CHUNK_BYTES = 64 * 2**20
+
+
+def _row_chunks(n_rows: int, vocab: int):
+    rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    for start in range(0, n_rows, rows):
+        yield start, min(n_rows, start + rows)
+
+
+# ----------------------------------------------------------------------------
+# Per-row statistics: log-prob of the label and entropy, with a recomputing backward
+# ----------------------------------------------------------------------------
+
+def _row_stats_chunk(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+    """x [n, V] any float dtype, labels [n] int64 -> (ℓ [n], H [n], p [n, V], z [n, V]) all float32.
+
+    ℓ is 0 where labels == ignore_index (or is out of [0, V), which callers have
+    already restricted to masked positions).
+    """
+    z = x.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)                       # [n]
+    p = torch.exp(z - lse[:, None])                        # [n, V]
+    # Σ p z computed with 0·(−inf) = 0 so that rows holding −inf logits (masked vocab) stay finite.
+    pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
+    entropy = lse - pz
+    valid = (labels >= 0) & (labels < x.shape[-1]) & (labels != ignore_index)
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    logprob = z.gather(-1, safe[:, None]).squeeze(-1) - lse
+    logprob = torch.where(valid, logprob, torch.zeros_like(logprob))
+    return logprob, entropy, p, z, valid
+
+
+def _row_grad_chunk(p, z, labels, valid, g_logprob, g_entropy, temperature):
+    """dz for one chunk: (gℓ·(onehot(y) − p) + gH·(−p ⊙ (z − Σpz))) / τ, float32 [n, V]."""
+    pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1, keepdim=True)
+    zc = torch.where(p > 0, z - pz, torch.zeros_like(z))
+    grad = -(g_logprob[:, None] * p) - g_entropy[:, None] * p * zc
+    g_lab = torch.where(valid, g_logprob, torch.zeros_like(g_logprob))
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    grad.scatter_add_(-1, safe[:, None], g_lab[:, None])
+    return grad / temperature
+
+
+class _RowStats(torch.autograd.Function):
+    """(ℓ, H) of each row of logits2d [N, V]; backward recomputes p chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, logits2d, labels, temperature, ignore_index):
+        n, v = logits2d.shape
+        logprob = torch.empty(n, dtype=torch.float32, device=logits2d.device)
+        entropy = torch.empty_like(logprob)
+        for s, e in _row_chunks(n, v):
+            lp, ent, _, _, _ = _row_stats_chunk(logits2d[s:e], labels[s:e], temperature, ignore_index)
+            logprob[s:e], entropy[s:e] = lp, ent
+        ctx.save_for_backward(logits2d, labels)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy):
+        logits2d, labels = ctx.saved_tensors
+        n, v = logits2d.shape
+        zeros = torch.zeros(n, dtype=torch.float32, device=logits2d.device)
+        g_logprob = zeros if g_logprob is None else g_logprob.float()
+        g_entropy = zeros if g_entropy is None else g_entropy.float()
+        grad = torch.empty_like(logits2d)
+        for s, e in _row_chunks(n, v):
+            _, _, p, z, valid = _row_stats_chunk(logits2d[s:e], labels[s:e], ctx.temperature, ctx.ignore_index)
+            grad[s:e] = _row_grad_chunk(p, z, labels[s:e], valid, g_logprob[s:e], g_entropy[s:e],
+                                        ctx.temperature).to(grad.dtype)
+        return grad, None, None, None
+
+
+def logprobs_and_entropy(logits, labels, *, temperature=1.0, ignore_index=-100):
+    """logits [..., V], labels [...] -> (log p(label) [...], entropy [...]), float32.
+
+    The log-prob is 0 where labels == ignore_index.
+    """
+    v = logits.shape[-1]
+    lp, ent = _RowStats.apply(logits.reshape(-1, v), labels.reshape(-1).long(), float(temperature),
+                              int(ignore_index))
+    return lp.view(labels.shape), ent.view(labels.shape)
+
+
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
+    return logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index)[0]
+
+
+def token_entropy(logits, *, temperature=1.0):
+    labels = torch.full(logits.shape[:-1], -100, dtype=torch.long, device=logits.device)
+    return logprobs_and_entropy(logits, labels, temperature=temperature)[1]
+
+
+# ----------------------------------------------------------------------------
+# Per-token losses on [B, T] tensors
+# ----------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ALGOS = ("ppo", "apa")
+
+
+def masked_mean(x, mask):
+    """Σ m·x / max(Σ m, 1): an all-zero mask gives 0, never NaN."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Schulman's per-token estimators of KL(π || π_ref) with d = ref_ℓ − ℓ:
+    k1 = −d, k2 = d²/2, k3 = e^d − 1 − d."""
+    d = ref_logprobs.float() - logprobs.float()
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(d) - d
+    raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
+    """Clipped surrogate: ρ = e^{ℓ−ℓ_old}, L = max(−Aρ, −A·clip(ρ, 1−ε_low, 1+ε_high));
+    dual clip c > 1: for A < 0, L = min(L, −cA). Masked mean over all tokens."""
+    per_token, stats = _ppo_terms(logprobs.float(), old_logprobs.float(), advantages.float(), mask,
+                                  clip_low, clip_high, dual_clip)
+    return masked_mean(per_token, mask), stats
+
+
+def _ppo_terms(lp, old, adv, mask, clip_low, clip_high, dual_clip):
+    log_ratio = lp - old
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
+    with torch.no_grad():
+        m = mask.float()
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), m),
+            # k3 estimate of KL(π_old || π): (ρ − 1) − log ρ
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, m),
+            "ratio_mean": masked_mean(ratio, m),
+        }
+    return loss, stats
+
+
+def apa_policy_loss(logprobs, ref_logprobs, advantages, mask, *, adv_coeff=10.0):
+    """APA: per token (ℓ − ℓ_ref − adv_coeff·A)², masked mean (adv_coeff is 1/λ of the paper)."""
+    per_token = _apa_terms(logprobs.float(), ref_logprobs.float(), advantages.float(), adv_coeff)
+    with torch.no_grad():
+        stats = {"apa_residual": masked_mean(per_token.sqrt(), mask)}
+    return masked_mean(per_token, mask), stats
+
+
+def _apa_terms(lp, ref, adv, adv_coeff):
+    r = lp - ref - adv_coeff * adv
+    return r * r
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2):
+    """½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²), masked mean; clip=None: ½(V − R)²."""
+    v, r = values.float(), returns.float()
+    err = (v - r) ** 2
+    if clip is None:
+        loss, frac = err, torch.zeros((), device=v.device)
+    else:
+        v_clip = old_values.float() + (v - old_values.float()).clamp(-clip, clip)
+        err_clip = (v_clip - r) ** 2
+        loss = torch.maximum(err, err_clip)
+        frac = masked_mean((err_clip > err).float(), mask)
+    with torch.no_grad():
+        stats = {"value_clip_frac": frac.detach(), "value_mean": masked_mean(v.detach(), mask)}
+    return 0.5 * masked_mean(loss, mask), stats
+
+
+# ----------------------------------------------------------------------------
+# Batch entropy: entropy of the batch-mean distribution at each response position
+# ----------------------------------------------------------------------------
+
+def _position_chunks(T: int, B: int, V: int):
+    cols = max(1, CHUNK_BYTES // (4 * max(B * V, 1)))
+    for start in range(0, T, cols):
+        yield start, min(T, start + cols)
+
+
+def _batch_mean_probs(x, mask, temperature):
+    """x [B, t, V], mask [B, t] -> (p [B, t, V], z, p̄ [t, V], Σ_b m [t]) float32."""
+    z = x.float() / temperature
+    p = torch.softmax(z, dim=-1)
+    m = mask.float()
+    count = m.sum(0)                                              # [t]
+    pbar = (m[:, :, None] * p).sum(0) / count.clamp_min(1.0)[:, None]
+    return p, z, pbar, count
+
+
+def _xlogx_sum(pbar):
+    return torch.where(pbar > 0, pbar * torch.log(pbar), torch.zeros_like(pbar)).sum(-1)
+
+
+class _BatchEntropy(torch.autograd.Function):
+    """H_batch = mean over positions t with any valid token of H(p̄_t),
+    p̄_t = Σ_b m_bt p_bt / Σ_b m_bt.
+
+    Gradient (DESIGN §3): g_v = −(log p̄_{t,v} + 1)/n_pos,
+    ∂/∂z_{bt,v} = (m_bt/Σ_b m_bt)·p_{bt,v}·(g_v − Σ_u p_{bt,u} g_u), times 1/τ for raw logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, mask, temperature):
+        B, T, V = logits.shape
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        n_pos = (mask.float().sum(0) > 0).sum().float()
+        for s, e in _position_chunks(T, B, V):
+            _, _, pbar, count = _batch_mean_probs(logits[:, s:e], mask[:, s:e], temperature)
+            total += torch.where(count > 0, -_xlogx_sum(pbar), torch.zeros_like(count)).sum()
+        ctx.save_for_backward(logits, mask, n_pos)
+        ctx.temperature = temperature
+        return total / n_pos.clamp_min(1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, mask, n_pos = ctx.saved_tensors
+        B, T, V = logits.shape
+        grad = torch.empty_like(logits)
+        for s, e in _position_chunks(T, B, V):
+            p, _, pbar, count = _batch_mean_probs(logits[:, s:e], mask[:, s:e], ctx.temperature)
+            logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
+            g = -(logp + 1.0) / n_pos.clamp_min(1.0) * grad_out.float()       # [t, V]
+            w = mask[:, s:e].float() / count.clamp_min(1.0)                      # [B, t]
+            pg = (p * g[None]).sum(-1, keepdim=True)                              # [B, t, 1]
+            grad[:, s:e] = (w[:, :, None] * p * (g[None] - pg) / ctx.temperature).to(grad.dtype)
+        return grad, None, None
+
+
+def batch_entropy(logits, mask, *, temperature=1.0):
+    """logits [B, T, V], mask [B, T] -> scalar float32 H_batch (0 when the mask is empty)."""
+    return _BatchEntropy.apply(logits, mask, float(temperature))
+
+
+# ----------------------------------------------------------------------------
+# The combined per-micro-batch policy loss over logits
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Knobs of `policy_loss_from_logits` (and of the fused linear path)."""
+
+    algo: str = "ppo"                 # "ppo" (clipped ratio) or "apa" (squared advantage residual)
+    temperature: float = 1.0          # logits are divided by this before the softmax
+    clip_low: float = 0.2             # PPO ratio clip 1 − ε_low
+    clip_high: float = 0.2            # PPO ratio clip 1 + ε_high
+    dual_clip: Optional[float] = None  # PPO dual clip c > 1 for A < 0
+    adv_coeff: float = 10.0           # APA 1/λ
+    entropy_coef: float = 0.0         # loss −= entropy_coef · mean H
+    kl_coef: float = 0.0              # loss += kl_coef · mean k(ℓ, ℓ_ref)
+    kl_estimator: str = "k3"
+    batch_entropy_coef: float = 0.0   # loss −= batch_entropy_coef · H_batch
+
+
+def token_loss(logprobs, entropy, old_logprobs, ref_logprobs, advantages, mask, cfg: LossConfig):
+    """Per-token loss terms (before the masked mean), differentiable w.r.t. logprobs and entropy.
+
+    All [n] float32. Returns (per_token [n], kl [n], stats dict)."""
+    if cfg.algo == "ppo":
+        pg, stats = _ppo_terms(logprobs, old_logprobs, advantages, mask, cfg.clip_low, cfg.clip_high,
+                               cfg.dual_clip)
+    else:
+        pg = _apa_terms(logprobs, ref_logprobs, advantages, cfg.adv_coeff)
+        with torch.no_grad():
+            lr = logprobs - old_logprobs
+            stats = {"clip_frac": torch.zeros((), device=lr.device),
+                     "approx_kl": masked_mean(torch.expm1(lr) - lr, mask.float())}
+    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+    per_token = pg
+    if cfg.kl_coef:
+        per_token = per_token + cfg.kl_coef * kl
+    if cfg.entropy_coef:
+        per_token = per_token - cfg.entropy_coef * entropy
+    return per_token, kl, stats
+
+
+def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
+    """The row core shared by the logits path and the fused linear path, for one chunk of rows.
+
+    logits2d [n, V]; labels, advantages, old/ref log-probs [n]; weight [n] = m_t / (Σ m over the
+    whole micro-batch). Returns (ℓ [n], H [n], kl [n], Σ_t weight·loss_t (scalar), dz [n, V] float32)
+    where dz = ∂(Σ_t weight_t·loss_t)/∂logits: the gradient is known in the forward pass because
+    each token's loss depends on its own row only (batch entropy is added separately).
+    """
+    lp, ent, p, z, valid = _row_stats_chunk(logits2d, labels, cfg.temperature, -100)
+    with torch.enable_grad():
+        lp_ = lp.detach().requires_grad_()
+        ent_ = ent.detach().requires_grad_()
+        per_token, kl, _ = token_loss(lp_, ent_, old_logprobs.float(), ref_logprobs.float(),
+                                      advantages.float(), weight > 0, cfg)
+        total = (weight * per_token).sum()
+        g_lp, g_ent = torch.autograd.grad(total, (lp_, ent_), allow_unused=True)
+    g_lp = torch.zeros_like(lp) if g_lp is None else g_lp
+    g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
+    dz = _row_grad_chunk(p, z, labels, valid, g_lp, g_ent, cfg.temperature)
+    return lp, ent, kl.detach(), total.detach(), dz
+
+
+class _PolicyLossFromLogits(torch.autograd.Function):
+    """Σ_t w_t·loss_t over logits2d [N, V] with dz computed in forward; backward is a scale."""
+
+    @staticmethod
+    def forward(ctx, logits2d, labels, weight, advantages, old_logprobs, ref_logprobs, cfg):
+        n, v = logits2d.shape
+        lp = torch.empty(n, dtype=torch.float32, device=logits2d.device)
+        ent, kl = torch.empty_like(lp), torch.empty_like(lp)
+        total = torch.zeros((), dtype=torch.float32, device=logits2d.device)
+        grad = torch.empty_like(logits2d) if logits2d.requires_grad else None
+        for s, e in _row_chunks(n, v):
+            lp[s:e], ent[s:e], kl[s:e], t, dz = policy_rows(
+                logits2d[s:e], labels[s:e], weight[s:e], advantages[s:e], old_logprobs[s:e],
+                ref_logprobs[s:e], cfg)
+            total += t
+            if grad is not None:
+                grad[s:e] = dz.to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(lp, ent, kl)
+        return total, lp, ent, kl
+
+    @staticmethod
+    def backward(ctx, g_total, *_):
+        (grad,) = ctx.saved_tensors
+        return grad * g_total.to(grad.dtype), None, None, None, None, None, None
+
+
+def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
+    """loss = masked mean of (policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch.
+
+    logits [..., V] (batch entropy needs [B, T, V]); the other tensors [...]. Returns (loss, out)
+    with out holding detached per-token `logprobs`, `entropy`, `kl` and scalar stats.
+    """
+    v = logits.shape[-1]
+    m = mask.reshape(-1).float()
+    weight = m / m.sum().clamp_min(1.0)
+    labels2d = torch.where(m > 0, labels.reshape(-1).long(), torch.full_like(labels.reshape(-1).long(), -100))
+    loss, lp, ent, kl = _PolicyLossFromLogits.apply(
+        logits.reshape(-1, v), labels2d, weight, advantages.reshape(-1).float(),
+        old_logprobs.reshape(-1).float(), ref_logprobs.reshape(-1).float(), cfg)
+    out = _loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask,
+                        old_logprobs, ref_logprobs, advantages, cfg)
+    if cfg.batch_entropy_coef:
+        h_batch = batch_entropy(logits, mask, temperature=cfg.temperature)
+        loss = loss - cfg.batch_entropy_coef * h_batch
+        out["batch_entropy"] = h_batch.detach()
+    return loss, out
+
+
+def _loss_outputs(lp, ent, kl, mask, old_logprobs, ref_logprobs, advantages, cfg):
+    """Detached per-token tensors and summary stats shared by every policy-loss path."""
+    m = mask.float()
+    _, _, stats = token_loss(lp, ent, old_logprobs.float(), ref_logprobs.float(), advantages.float(), m, cfg)
+    finite = torch.isfinite(lp) & torch.isfinite(ent)
+    out = {"logprobs": lp, "entropy": ent, "kl": kl}
+    out.update(stats)
+    out.update({
+        "entropy_mean": masked_mean(ent, m),
+        "kl_mean": masked_mean(kl, m),
+        "num_tokens": m.sum(),
+        "nonfinite_tokens": ((~finite) & (m > 0)).sum(),
+    })
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Advantages (GAE) and whitening on [B, T]
+# ----------------------------------------------------------------------------
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """δ_t = r_t + γ V_{t+1} − V_t (V past the last valid token is 0), A_t = δ_t + γλ A_{t+1},
+    R = A + V. rewards, values, mask [B, T] with right padding; padded positions come out 0."""
+    m = mask.float()
+    r, v = rewards.float() * m, values.float() * m
+    B, T = r.shape
+    adv = torch.zeros_like(r)
+    last = torch.zeros(B, dtype=r.dtype, device=r.device)
+    for t in range(T - 1, -1, -1):
+        v_next = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = r[:, t] + gamma * v_next - v[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + v) * m
+
+
+def whiten(x, mask, *, shift_mean=True, eps=1e-8):
+    """(x − mean)/std over valid tokens only; 0 valid tokens: returns x·0; 1 valid token: centred
+    (variance taken as 1). Masked positions come out 0."""
+    m = mask.float()
+    n = m.sum()
+    mean = (x.float() * m).sum() / n.clamp_min(1.0)
+    var = (((x.float() - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
+    var = torch.where(n > 1, var, torch.ones_like(var))
+    out = (x.float() - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return (out * m).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------
+
+def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits [B, V] -> (tokens [B] int64, logprobs [B] float32).
+
+    Temperature, then top-k, then top-p (keep the smallest set of highest-probability tokens whose
+    mass reaches p, computed on the top-k-renormalized distribution), then a draw. The returned
+    log-prob is that of the drawn token under the tempered *full* softmax. temperature == 0 or
+    top_k == 1 is greedy.
+    """
+    x = logits.float()
+    greedy = temperature == 0 or top_k == 1
+    z = x if greedy else x / temperature
+    full_logp = torch.log_softmax(z, dim=-1)
+    if greedy:
+        tokens = z.argmax(-1)
+    else:
+        masked = z
+        if top_k and top_k < z.shape[-1]:
+            kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+            masked = masked.masked_fill(masked < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_z, idx = torch.sort(masked, dim=-1, descending=True)
+            probs = torch.softmax(sorted_z, dim=-1)
+            before = probs.cumsum(-1) - probs          # mass strictly before each token
+            drop = before >= top_p
+            sorted_z = sorted_z.masked_fill(drop, float("-inf"))
+            masked = torch.full_like(masked, float("-inf")).scatter(-1, idx, sorted_z)
+        probs = torch.softmax(masked, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, full_logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+__all__ = [
+    "LossConfig", "ALGOS", "KL_ESTIMATORS", "masked_mean", "logprobs_and_entropy", "token_logprobs",
+    "token_entropy", "kl_penalty", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_entropy",
+    "token_loss", "policy_rows", "policy_loss_from_logits", "gae", "whiten", "sample_tokens",
+]
