@@ -273,12 +273,21 @@ def _from_pretrained(auto, path: str, device: torch.device, dtype: torch.dtype, 
     kwargs = dict(dtype=dtype, attn_implementation=attn, device_map={"": device},
                   quantization_config=_quantization_config(cfg, dtype, bits))
     try:
-        return auto.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except ValueError as exc:  # architecture without SDPA support: fall back to eager attention
         if cfg.attn_implementation != "auto" or "sdpa" not in str(exc).lower():
             raise
         log.info("%s has no SDPA attention; using eager attention", path)
-        return auto.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
+        model = auto.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
+    if bits == 4 and device.type == "cpu":
+        # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks a Linear4bit's weight for inference at its first
+        # eval-mode no-grad forward, and keeps it packed: later training forwards then run a kernel with no
+        # autograd (input gradients silently dropped, or an in-place error with a bias). Rollouts run in
+        # eval mode and updates in train mode, so keep the trainable layout.
+        for mod in model.modules():
+            if hasattr(mod, "support_avx512bf16_for_cpu"):
+                mod.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _lora_config(cfg: ModelConfig, task_type: Optional[str]):
