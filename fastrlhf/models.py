@@ -1,0 +1,463 @@
+"""How models are loaded, and where every byte goes.
+
+`load(cfg, device) -> Bundle` loads any Hugging Face causal LM by name or path (or the built-in tiny
+Llama when `model_name_or_path` is None) through one path: dtype, attention implementation, optional
+bitsandbytes 4/8-bit base, optional LoRA (peft), the value head or a separate critic, and the reference
+policy, with as few copies of the weights as the options allow:
+
+    options                    policy                 reference                     critic
+    use_peft                   base + LoRA adapter    same model, adapter disabled  value head on the trunk
+    use_peft + load_in_4bit/8  quantized base + LoRA  same model, adapter disabled  value head on the trunk
+    full fine-tuning           base                   frozen copy (8-bit with       value head on the trunk
+                                                      ref_load_in_8bit)
+    critic_model_name_or_path  (any of the above)     (as above)                    separate trunk (AutoModel,
+                                                                                    no LM head) + value head,
+                                                                                    LoRA/quantized like policy
+
+`validate(cfg)` rejects bad combinations before any weight is created (it reads only configs and
+builds the architecture on the meta device to check LoRA target names).
+
+Memory budget helpers (used by the trainer): `set_memory_cap`, `free_memory_bytes`, `plan_memory`
+(micro-batch and loss chunk sizes from free memory and shapes), `out_of_memory_message`, and
+`PhaseMemory` (peak memory per phase: generation, scoring, update).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Optional, Union
+
+import torch
+from torch import nn
+
+from .tokenizer import CharTokenizer, load_tokenizer
+
+log = logging.getLogger("fastrlhf")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+
+
+@dataclass
+class ModelConfig:
+    """Model-loading options; each field is also a CLI flag `--<field>` (see `add_model_args`)."""
+
+    # Hugging Face name or local path of a causal LM; None = the built-in tiny Llama (CharTokenizer, random
+    # init from `tiny_seed`, saved to a temporary directory and loaded back through the same path).
+    model_name_or_path: Optional[str] = None
+    # "auto" = bfloat16 on CUDA, float32 on CPU; else float32 | bfloat16 | float16 (non-quantized weights).
+    dtype: str = "auto"
+    # "auto" = flash_attention_2 when flash_attn imports and the device is CUDA with a 16-bit dtype, else sdpa.
+    attn_implementation: str = "auto"
+    # LoRA through peft. Targets: "all-linear" (every linear layer but the output layer), or module names
+    # (a list, or one comma-separated string), matched like peft does: the full name or its last
+    # components (".q_proj"). Names that match no module are an error.
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: Union[str, list] = "all-linear"
+    # Quantized base (bitsandbytes); trains only through LoRA (use_peft).
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: str = "auto"  # "auto" = the resolved `dtype`
+    # Without LoRA the reference policy is a frozen copy; load it in 8-bit to halve (bf16) its bytes. Its
+    # KL to the policy is then not exactly 0 at the first step (quantization error).
+    ref_load_in_8bit: bool = False
+    # Separate critic trunk (name or path; the trainer may default it to the reward model for ppo-max).
+    # None = the value head sits on the policy's own trunk (no second model).
+    critic_model_name_or_path: Optional[str] = None
+    # Whether the trainer needs values at all (False for algorithms without a critic: no head is built).
+    value_head: bool = True
+    gradient_checkpointing: bool = False
+    # Cap this process's GPU memory at this many GiB (torch per-process memory fraction); None = no cap.
+    max_memory_gb: Optional[float] = None
+    # The built-in tiny Llama (model_name_or_path=None). Sized so the default training job runs in about a
+    # minute on 2 CPU cores: 0.68M parameters (vocab 100 = CharTokenizer).
+    tiny_hidden_size: int = 128
+    tiny_num_layers: int = 4
+    tiny_num_heads: int = 4
+    tiny_intermediate_size: int = 256
+    tiny_max_positions: int = 512
+    tiny_seed: int = 0
+
+
+@dataclass
+class Bundle:
+    """Everything the trainer needs from the models. `reference()` is a context manager yielding the
+    reference policy (`with bundle.reference() as ref: ...`): the policy with its adapter disabled under
+    LoRA, else a frozen copy. `value_head` is nn.Linear(H, 1) in fp32 (zero-initialized, so values start
+    at 0) on the policy's trunk, or on `critic`'s when there is one; None when cfg.value_head is False."""
+
+    policy: nn.Module
+    tokenizer: object
+    value_head: Optional[nn.Linear]
+    critic: Optional[nn.Module]
+    reference: Callable[[], ContextManager[nn.Module]]
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates: LoRA adapters (or all policy weights), the value head, the
+        critic's trainable weights. Frozen reference weights are never included."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        if self.critic is not None:
+            params += [p for p in self.critic.parameters() if p.requires_grad]
+        return params
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resolving "auto" options and validating
+# --------------------------------------------------------------------------------------------------------
+
+def resolve_dtype(cfg: ModelConfig, device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    return DTYPES[cfg.dtype]
+
+
+def resolve_attn_implementation(cfg: ModelConfig, device, dtype: torch.dtype) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    cuda = torch.device(device).type == "cuda"
+    if cuda and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def tiny_config(cfg: ModelConfig, tokenizer: CharTokenizer):
+    """LlamaConfig of the built-in tiny model (vocab = the CharTokenizer's)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_intermediate_size, num_hidden_layers=cfg.tiny_num_layers,
+        num_attention_heads=cfg.tiny_num_heads, num_key_value_heads=cfg.tiny_num_heads,
+        max_position_embeddings=cfg.tiny_max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+
+
+def _hf_config(name_or_path: Optional[str], cfg: ModelConfig):
+    """The architecture config (config.json only; no weights)."""
+    if name_or_path is None:
+        return tiny_config(cfg, CharTokenizer())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path)
+
+
+def _target_list(targets) -> Union[str, list]:
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return targets
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"lora_target_modules: expected 'all-linear' or a non-empty list of module names, "
+                         f"got {targets!r}")
+    return list(targets)
+
+
+def linear_module_names(hf_config, trunk_only: bool = False) -> list[str]:
+    """Names of the linear layers (nn.Linear, and GPT-2's Conv1D) of the architecture, built on the meta
+    device (no memory, no weights). The output layer is excluded (LoRA's "all-linear" excludes it too)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    auto = AutoModel if trunk_only else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(hf_config)
+    out_layer = model.get_output_embeddings() if not trunk_only else None
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, (nn.Linear, Conv1D)) and mod is not out_layer]
+
+
+def _check_lora_targets(targets, names: list[str], what: str) -> None:
+    if targets == "all-linear":
+        if not names:
+            raise ValueError(f"lora_target_modules: 'all-linear' matches no linear layer of {what}")
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"lora_target_modules: {missing} match no module of {what}; "
+                         f"its linear layers are named {leaves}")
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Raise ValueError for a bad combination of options, before any weight is loaded or created."""
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.bnb_4bit_compute_dtype != "auto" and cfg.bnb_4bit_compute_dtype not in DTYPES:
+        raise ValueError(f"bnb_4bit_compute_dtype: expected 'auto' or one of {sorted(DTYPES)}, "
+                         f"got {cfg.bnb_4bit_compute_dtype!r}")
+    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation: expected one of {ATTN_IMPLEMENTATIONS}, "
+                         f"got {cfg.attn_implementation!r}")
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attn_implementation: 'flash_attention_2' needs the flash-attn package, which is not "
+                         "installed; use 'sdpa' or 'auto'")
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit: expected at most one, got both")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.use_peft:
+        flag = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        raise ValueError(f"{flag}: a quantized base cannot be fully fine-tuned; expected use_peft=True "
+                         f"(train LoRA adapters on it), got use_peft=False")
+    if cfg.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bnb_4bit_quant_type: expected 'nf4' or 'fp4', got {cfg.bnb_4bit_quant_type!r}")
+    if cfg.ref_load_in_8bit and cfg.use_peft:
+        raise ValueError("ref_load_in_8bit: with use_peft the reference is the policy with its adapter "
+                         "disabled (no copy to quantize); expected ref_load_in_8bit=False")
+    if (cfg.load_in_4bit or cfg.load_in_8bit or cfg.ref_load_in_8bit) and importlib.util.find_spec(
+            "bitsandbytes") is None:
+        raise ValueError("load_in_4bit/load_in_8bit/ref_load_in_8bit: need the bitsandbytes package "
+                         "(pip install 'fastrlhf[quant]'), which is not installed")
+    if cfg.critic_model_name_or_path is not None and not cfg.value_head:
+        raise ValueError("critic_model_name_or_path: a critic needs a value head; expected value_head=True")
+    if cfg.use_peft:
+        if cfg.lora_r <= 0:
+            raise ValueError(f"lora_r: expected > 0, got {cfg.lora_r}")
+        if not 0.0 <= cfg.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected in [0, 1), got {cfg.lora_dropout}")
+        targets = _target_list(cfg.lora_target_modules)
+        name = cfg.model_name_or_path or "the built-in tiny model"
+        _check_lora_targets(targets, linear_module_names(_hf_config(cfg.model_name_or_path, cfg)), name)
+        if cfg.critic_model_name_or_path is not None:
+            critic_cfg = _hf_config(cfg.critic_model_name_or_path, cfg)
+            _check_lora_targets(targets, linear_module_names(critic_cfg, trunk_only=True),
+                                f"the critic {cfg.critic_model_name_or_path}")
+    if cfg.critic_model_name_or_path is not None:
+        vp = _hf_config(cfg.model_name_or_path, cfg).vocab_size
+        vc = _hf_config(cfg.critic_model_name_or_path, cfg).vocab_size
+        if vp != vc:
+            raise ValueError(f"critic_model_name_or_path: the critic reads the policy's token ids, expected "
+                             f"vocab_size {vp} (the policy's), got {vc}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+
+def _quantization_config(cfg: ModelConfig, dtype: torch.dtype, bits: Optional[int]):
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else DTYPES[cfg.bnb_4bit_compute_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def _from_pretrained(auto, path: str, device: torch.device, dtype: torch.dtype, attn: str, bits: Optional[int],
+                     cfg: ModelConfig) -> nn.Module:
+    """One model from a checkpoint directory or hub name, placed on `device` while loading."""
+    kwargs = dict(dtype=dtype, attn_implementation=attn, device_map={"": device},
+                  quantization_config=_quantization_config(cfg, dtype, bits))
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except ValueError as exc:  # architecture without SDPA support: fall back to eager attention
+        if cfg.attn_implementation != "auto" or "sdpa" not in str(exc).lower():
+            raise
+        log.info("%s has no SDPA attention; using eager attention", path)
+        return auto.from_pretrained(path, **{**kwargs, "attn_implementation": "eager"})
+
+
+def _lora_config(cfg: ModelConfig, task_type: Optional[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=_target_list(cfg.lora_target_modules), task_type=task_type, bias="none")
+
+
+def _prepare_trainable(model: nn.Module, cfg: ModelConfig, task_type: Optional[str]) -> nn.Module:
+    """Gradient checkpointing, then the LoRA adapter (peft freezes the base)."""
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs (LoRA), no enable_input_require_grads needed.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(cfg, task_type))
+    return model
+
+
+@contextlib.contextmanager
+def _checkpoint_path(cfg: ModelConfig, tokenizer):
+    """The checkpoint to load from: the given name/path, or the tiny model saved to a temporary directory
+    (built with `tiny_seed`, so every load of the default model has the same weights)."""
+    if cfg.model_name_or_path is not None:
+        yield cfg.model_name_or_path
+        return
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="fastrlhf-tiny-") as tmp:
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.tiny_seed)
+        try:
+            LlamaForCausalLM(tiny_config(cfg, tokenizer)).save_pretrained(tmp)
+        finally:
+            torch.random.set_rng_state(rng_state)
+        tokenizer.save_pretrained(tmp)
+        yield tmp
+
+
+def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
+    """Validate `cfg`, apply the memory cap, and load policy, tokenizer, value head, critic and reference."""
+    validate(cfg)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    set_memory_cap(cfg.max_memory_gb, device)
+    dtype = resolve_dtype(cfg, device)
+    attn = resolve_attn_implementation(cfg, device, dtype)
+    bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with _checkpoint_path(cfg, tokenizer) as path:
+        policy = _prepare_trainable(_from_pretrained(AutoModelForCausalLM, path, device, dtype, attn, bits, cfg),
+                                    cfg, "CAUSAL_LM")
+        frozen = None
+        if not cfg.use_peft:
+            frozen = _from_pretrained(AutoModelForCausalLM, path, device, dtype, attn,
+                                      8 if cfg.ref_load_in_8bit else None, cfg)
+            frozen.eval().requires_grad_(False)
+    critic = None
+    if cfg.critic_model_name_or_path is not None:
+        critic = _prepare_trainable(
+            _from_pretrained(AutoModel, cfg.critic_model_name_or_path, device, dtype, attn, bits, cfg),
+            cfg, "FEATURE_EXTRACTION")
+    value_head = None
+    if cfg.value_head:
+        hidden = (critic if critic is not None else policy).config.hidden_size
+        value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+
+    if cfg.use_peft:
+        @contextlib.contextmanager
+        def reference():
+            with policy.disable_adapter():
+                yield policy
+    else:
+        @contextlib.contextmanager
+        def reference():
+            yield frozen
+
+    return Bundle(policy=policy, tokenizer=tokenizer, value_head=value_head, critic=critic,
+                  reference=reference, config=cfg, device=device, dtype=dtype)
+
+
+def values(bundle: Bundle, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Values [B, T] (fp32) from final hidden states [B, T, H] of the value head's trunk: the policy's
+    (e.g. `fastrlhf.hf.hidden_states(policy, ...)`) or, with a critic, `critic_hidden_states(...)`."""
+    if bundle.value_head is None:
+        raise ValueError("bundle.value_head: expected a value head, got None (loaded with value_head=False)")
+    head = bundle.value_head
+    if hidden_states.shape[-1] != head.in_features:
+        raise ValueError(f"hidden_states: expected last dim {head.in_features}, got {tuple(hidden_states.shape)}")
+    return head(hidden_states.to(head.weight.dtype)).squeeze(-1)
+
+
+def critic_hidden_states(bundle: Bundle, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, T, H] of the separate critic trunk (positions counted over the attention mask,
+    as in generation with left padding)."""
+    if bundle.critic is None:
+        raise ValueError("bundle.critic: expected a separate critic, got None (value head on the policy trunk)")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = bundle.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return out.last_hidden_state
+
+
+def make_optimizer(params, name: str = "adamw_torch", lr: float = 1e-5, weight_decay: float = 0.0,
+                   betas: tuple = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """`--optim`: adamw_torch (torch.optim.AdamW; fused kernel on CUDA), adamw_8bit (bitsandbytes 8-bit
+    states: 2 bytes/param of state instead of 8), paged_adamw_8bit (same, states in paged unified memory
+    that spill to the host under pressure). bitsandbytes >= 0.45 also runs both on the CPU (paged
+    falls back to non-paged there)."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("params: expected at least one trainable parameter, got none")
+    if name == "adamw_torch":
+        fused = all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ValueError(f"optim: {name!r} needs the bitsandbytes package (pip install 'fastrlhf[quant]'); "
+                             f"use 'adamw_torch' without it") from exc
+        cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        return cls(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    raise ValueError(f"optim: expected one of {OPTIMIZERS}, got {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI flags
+# --------------------------------------------------------------------------------------------------------
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Add one `--<field>` flag per ModelConfig field (booleans as store_true/--no-<field>)."""
+    for f in dataclasses.fields(ModelConfig):
+        flag = "--" + f.name
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name == "lora_target_modules":
+            parser.add_argument(flag, type=str, default=f.default,
+                                help="'all-linear' or comma-separated module names")
+        elif f.type in ("int", int):
+            parser.add_argument(flag, type=int, default=f.default)
+        elif f.type in ("float", float, "Optional[float]"):
+            parser.add_argument(flag, type=float, default=f.default)
+        else:
+            parser.add_argument(flag, type=str, default=f.default)
+
+
+def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory budget
+# --------------------------------------------------------------------------------------------------------
+
+def set_memory_cap(max_memory_gb: Optional[float], device: Union[str, torch.device] = "cuda") -> Optional[float]:
+    """Cap this process's memory on a CUDA device at `max_memory_gb` GiB (per-process memory fraction: the
+    caching allocator raises OutOfMemoryError past it, so a 24 GB card can be emulated on a larger one).
+    Returns the fraction set, or None (no cap given, or a non-CUDA device: a no-op, logged)."""
+    if max_memory_gb is None:
+        return None
+    if max_memory_gb <= 0:
+        raise ValueError(f"max_memory_gb: expected > 0, got {max_memory_gb}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        log.info("max_memory_gb=%s: no effect on device %s (the cap applies to CUDA memory only)",
+                 max_memory_gb, device)
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = max_memory_gb * 2**30 / total
+    if fraction > 1.0:
+        log.info("max_memory_gb=%s exceeds the device's %.1f GiB; no cap set", max_memory_gb, total / 2**30)
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    log.info("GPU memory capped at %.2f GiB (%.1f%% of %.1f GiB)", max_memory_gb, 100 * fraction, total / 2**30)
+    return fraction
