@@ -1,0 +1,342 @@
+"""Fused linear path: from hidden states to log-probs / policy loss and gradients without ever
+holding the [N, V] logits (DESIGN §4, issue 3).
+
+Shapes: hidden [..., H] (N tokens once flattened), weight [V, H] (the output layer, possibly tied
+to the input embedding), bias [V] or None, logits x = hidden @ weightᵀ + bias.
+
+The algorithm is the same on every device, in plain PyTorch GEMMs plus the row core
+`ops.impl("policy_rows", device)` (Triton on CUDA, `ref.policy_rows` elsewhere). Tokens are
+processed in chunks of `rows`; per chunk
+
+    x   = h @ Wᵀ + b                        [rows, V], the only vocabulary-sized buffers
+    ℓ, H, KL, dz = row core(x)              dz = ∂(Σ_t w_t·loss_t)/∂x, known in forward
+    grad_h[chunk] = dz @ W                  [rows, H]
+    grad_W       += dzᵀ @ h                 [V, H]
+    grad_b       += Σ_rows dz               [V]
+
+= 3 GEMMs, 6·N·H·V FLOPs. The policy-loss backward only scales these by the upstream scalar.
+`fused_linear_logprobs` cannot know its upstream gradient in forward, so its backward recomputes
+each chunk's logits (4 GEMMs in all when trained); under `torch.no_grad()` it is one GEMM pass.
+
+Batch entropy couples the rows at one position t ([B, T, V] semantics): a first pass accumulates
+p̄ [T, V] in float32, then the main pass adds its gradient term (DESIGN §3) to dz.
+
+Chunk size (`chunk_size=None`): rows such that one float32 [rows, V] buffer fits a budget, 16 MiB
+on CPU, min(free/16, 128 MiB) on CUDA (`choose_chunk_size`); the caller can override it.
+grad_W is accumulated in float32 when asked (`accum_fp32=True`), by default when V ≥ 250k.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops, ref
+from .ops import _check_float, _check_labels, _check_same
+
+# One float32 [rows, V] buffer of the row core fits in this budget (the torch row core holds ~6
+# such buffers at its peak, so a CPU chunk costs ~100 MiB whatever N is).
+CPU_CHUNK_BYTES = 16 * 2**20
+CUDA_CHUNK_BYTES = 128 * 2**20
+# grad_W is accumulated in float32 by default from this vocabulary size on (issue 3: precision
+# above 250k vocabularies); below, in the weight's dtype.
+FP32_ACCUM_VOCAB = 250_000
+# fp32 accumulation of a low-precision dzᵀ @ h is done in vocabulary slices of this many rows so the
+# temporary stays small.
+ACCUM_SLICE = 16384
+
+
+def choose_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: one float32 [rows, V] buffer ≤ budget, budget = 16 MiB on CPU and
+    min(free / 16, 128 MiB) on CUDA (torch.cuda.mem_get_info); rounded down to a multiple of 64
+    rows (GEMM tiles) when ≥ 64; at least 1 and at most n_tokens."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 16, CUDA_CHUNK_BYTES)
+    else:
+        budget = CPU_CHUNK_BYTES
+    rows = budget // (4 * max(vocab, 1))
+    if rows >= 64:
+        rows -= rows % 64
+    return int(max(1, min(n_tokens, rows)))
+
+
+def _check_linear(hidden, weight, bias, chunk_size):
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected shape [..., H], got a 0-dim tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), "
+                         f"got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected a tensor on {hidden.device} (like hidden), got {weight.device}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (like hidden), got {weight.dtype}")
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_same("bias", bias, weight.shape[:1], hidden.device)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected dtype {hidden.dtype} (like hidden), got {bias.dtype}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
+
+
+def _logits(h, weight, bias):
+    """h [n, H] -> x = h @ Wᵀ + b [n, V] in h's dtype."""
+    return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+
+
+def _needs(*tensors):
+    grad = torch.is_grad_enabled()
+    return tuple(bool(grad and t is not None and t.requires_grad) for t in tensors)
+
+
+class _Grads:
+    """Gradient buffers filled chunk by chunk: grad_h [N, H], grad_W [V, H], grad_b [V] (fp32)."""
+
+    def __init__(self, hidden2d, weight, bias, needs, accum_fp32):
+        need_h, need_w, need_b = needs
+        self.h = torch.empty_like(hidden2d) if need_h else None
+        wide = (torch.float32, torch.float64)
+        fp32 = accum_fp32 if accum_fp32 is not None else weight.shape[0] >= FP32_ACCUM_VOCAB
+        w_dtype = weight.dtype if weight.dtype in wide or not fp32 else torch.float32
+        self.w = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
+        b_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.b = torch.zeros(weight.shape[0], dtype=b_dtype, device=weight.device) if need_b else None
+
+    def add(self, s, e, dz, h, weight):
+        """dz [n, V] (compute dtype) of rows s:e with inputs h [n, H]."""
+        if self.h is not None:
+            torch.mm(dz, weight, out=self.h[s:e])
+        if self.w is not None:
+            if self.w.dtype == dz.dtype:
+                self.w.addmm_(dz.t(), h)
+            else:  # fp32 accumulator of a low-precision product, in vocabulary slices
+                for v0 in range(0, dz.shape[1], ACCUM_SLICE):
+                    v1 = min(dz.shape[1], v0 + ACCUM_SLICE)
+                    self.w[v0:v1] += (dz[:, v0:v1].t() @ h).float()
+        if self.b is not None:
+            self.b += dz.sum(0, dtype=self.b.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Log-probs (and entropy) of the labels: forward one GEMM pass, backward recomputes chunk logits
+# ----------------------------------------------------------------------------
+
+def _logprobs_pass(hidden2d, weight, bias, labels, temperature, ignore_index, rows):
+    n = hidden2d.shape[0]
+    fn = ops.impl("logprobs_and_entropy", hidden2d.device)
+    lp = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
+    ent = torch.empty_like(lp)
+    with torch.no_grad():
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            lp[s:e], ent[s:e] = fn(_logits(hidden2d[s:e], weight, bias), labels[s:e],
+                                   temperature=temperature, ignore_index=ignore_index)
+    return lp, ent
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, temperature, ignore_index, rows, accum_fp32):
+        lp, ent = _logprobs_pass(hidden2d, weight, bias, labels, temperature, ignore_index, rows)
+        ctx.save_for_backward(hidden2d, weight, bias, labels)
+        ctx.args = (temperature, ignore_index, rows, accum_fp32)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden2d, weight, bias, labels = ctx.saved_tensors
+        temperature, ignore_index, rows, accum_fp32 = ctx.args
+        n = hidden2d.shape[0]
+        zeros = torch.zeros(n, dtype=torch.float32, device=hidden2d.device)
+        g_lp = zeros if g_lp is None else g_lp.float()
+        g_ent = zeros if g_ent is None else g_ent.float()
+        grads = _Grads(hidden2d, weight, bias, ctx.needs_input_grad[:3], accum_fp32)
+        fn = ops.impl("logprobs_and_entropy", hidden2d.device)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            h = hidden2d[s:e]
+            with torch.enable_grad():
+                x = _logits(h.detach(), weight.detach(), None if bias is None else bias.detach())
+                x.requires_grad_()
+                lp, ent = fn(x, labels[s:e], temperature=temperature, ignore_index=ignore_index)
+                (dz,) = torch.autograd.grad((lp, ent), (x,), (g_lp[s:e], g_ent[s:e]))
+            grads.add(s, e, dz.to(x.dtype), h, weight)
+        return (grads.h, None if grads.w is None else grads.w.to(weight.dtype),
+                None if grads.b is None else grads.b.to(bias.dtype), None, None, None, None, None)
+
+
+def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, chunk_size=None, accum_fp32=None):
+    """log p(label) of x = hidden @ weightᵀ + bias under softmax(x/τ), without holding [N, V].
+
+    hidden [..., H], weight [V, H], labels [...] (ignore_index allowed), bias [V] or None.
+    Returns float32 log-probs [...] (0 at ignore_index), and the entropy [...] if return_entropy.
+    Differentiable w.r.t. hidden, weight and bias; under torch.no_grad() (or when none of them
+    requires grad) it costs one GEMM pass and no gradient buffers. chunk_size: tokens per chunk
+    (None: `choose_chunk_size`). accum_fp32: accumulate grad_W in float32 (None: when V ≥ 250k).
+    """
+    _check_linear(hidden, weight, bias, chunk_size)
+    ops._check_temperature(temperature)
+    vocab, width = weight.shape
+    _check_labels("labels", labels, (*hidden.shape[:-1], vocab), ignore_index)
+    _check_same("labels", labels, hidden.shape[:-1], hidden.device)
+    hidden2d = hidden.reshape(-1, width)
+    labels1d = labels.reshape(-1).long()
+    rows = chunk_size or choose_chunk_size(hidden2d.shape[0], vocab, hidden.device)
+    args = (float(temperature), int(ignore_index), rows)
+    if any(_needs(hidden, weight, bias)):
+        lp, ent = _FusedLinearLogprobs.apply(hidden2d, weight, bias, labels1d, *args, accum_fp32)
+    else:
+        lp, ent = _logprobs_pass(hidden2d, weight, bias, labels1d, *args)
+    lp, ent = lp.view(labels.shape), ent.view(labels.shape)
+    return (lp, ent) if return_entropy else lp
+
+
+# ----------------------------------------------------------------------------
+# Policy loss: gradients computed in forward, chunk by chunk; backward is a scale
+# ----------------------------------------------------------------------------
+
+def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
+    """First pass of batch entropy. wpos [N] = m_bt/Σ_b m_bt, pos [N] = t of each row.
+    Returns (H_batch scalar, g [T, V] fp32) with g_v = −(log p̄_{t,v} + 1)/n_pos (DESIGN §3)."""
+    n, vocab = hidden2d.shape[0], weight.shape[0]
+    pbar = torch.zeros(T, vocab, dtype=torch.float32, device=hidden2d.device)
+    with torch.no_grad():
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            p = torch.softmax(_logits(hidden2d[s:e], weight, bias).float() / temperature, dim=-1)
+            pbar.index_add_(0, pos[s:e], p.mul_(wpos[s:e, None]))
+    n_pos = (torch.zeros(T, device=wpos.device).index_add_(0, pos, wpos) > 0).sum().float().clamp_min(1.0)
+    logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
+    h_batch = -(pbar * logp).sum() / n_pos
+    g = logp.add_(1.0).div_(-n_pos)                                    # in place: one [T, V] buffer
+    return h_batch, g
+
+
+def _batch_entropy_dz(x, g_rows, w_rows, temperature):
+    """∂H_batch/∂x for one chunk: w·p·(g − Σ_u p_u g_u)/τ, x [n, V], g_rows [n, V], w_rows [n]."""
+    p = torch.softmax(x.float() / temperature, dim=-1)
+    pg = (p * g_rows).sum(-1, keepdim=True)
+    return p.mul_(g_rows - pg).mul_(w_rows[:, None] / temperature)
+
+
+def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, rows, bent, grads):
+    """One pass over the token chunks -> (Σ_t w_t·loss_t, ℓ, H, KL); fills `grads` when not None.
+    bent = (g [T, V], wpos [N], pos [N]) when batch entropy is on."""
+    n = hidden2d.shape[0]
+    row_core = ops.impl("policy_rows", hidden2d.device)
+    lp = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
+    ent, kl = torch.empty_like(lp), torch.empty_like(lp)
+    total = torch.zeros((), dtype=torch.float32, device=hidden2d.device)
+    with torch.no_grad():
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            h = hidden2d[s:e]
+            x = _logits(h, weight, bias)
+            lp[s:e], ent[s:e], kl[s:e], t, dz = row_core(x, labels[s:e], wts[s:e], adv[s:e], old[s:e],
+                                                          ref_lp[s:e], cfg)
+            total += t
+            if grads is None:
+                continue
+            if bent is not None:
+                g, wpos, pos = bent
+                dz = dz.float() - cfg.batch_entropy_coef * _batch_entropy_dz(x, g[pos[s:e]], wpos[s:e],
+                                                                             cfg.temperature)
+            grads.add(s, e, dz.to(x.dtype), h, weight)
+    return total, lp, ent, kl
+
+
+class _FusedLinearPolicyLoss(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, rows, bent, accum_fp32):
+        grads = _Grads(hidden2d, weight, bias, ctx.needs_input_grad[:3], accum_fp32)
+        total, lp, ent, kl = _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg,
+                                          rows, bent, grads)
+        ctx.grads = grads
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(lp, ent, kl)
+        return total, lp, ent, kl
+
+    @staticmethod
+    def backward(ctx, g_total, *_):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_linear_policy_loss: backward ran twice through the same loss; its "
+                               "gradients are computed in forward and handed over once")
+        g = g_total.float()
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = None if grads.h is None else grads.h.mul_(g.to(grads.h.dtype))
+        grad_w = None if grads.w is None else grads.w.mul_(g.to(grads.w.dtype)).to(w_dtype)
+        grad_b = None if grads.b is None else grads.b.mul_(g).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs, *,
+                             bias=None, chunk_size=None, algo="ppo", temperature=1.0, clip_low=0.2,
+                             clip_high=0.2, dual_clip=None, adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0,
+                             kl_estimator="k3", batch_entropy_coef=0.0, accum_fp32=None):
+    """`policy_loss_from_logits(hidden @ weightᵀ + bias, ...)` without holding the [N, V] logits.
+
+    hidden [..., H] (batch entropy needs [B, T, H]), weight [V, H], bias [V] or None; labels, mask,
+    advantages, old/ref log-probs [...]. Same knobs, value and gradients (w.r.t. hidden, weight,
+    bias) as `fastrlhf.policy_loss_from_logits`; returns (loss, out) with the same `out`.
+    Gradients are computed during the forward pass (3 GEMMs per chunk) and only scaled in backward,
+    so backward can run once per call. chunk_size: tokens per chunk (None: `choose_chunk_size`).
+    accum_fp32: accumulate grad_W in float32 (None: when V ≥ 250k; always when weight is float32).
+    """
+    cfg = ops.make_loss_config(algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
+                               dual_clip=dual_clip, adv_coeff=adv_coeff, entropy_coef=entropy_coef,
+                               kl_coef=kl_coef, kl_estimator=kl_estimator,
+                               batch_entropy_coef=batch_entropy_coef)
+    _check_linear(hidden, weight, bias, chunk_size)
+    vocab, width = weight.shape
+    shape = hidden.shape[:-1]
+    _check_same("mask", mask, shape, hidden.device)
+    _check_labels("labels", labels, (*shape, vocab), mask=mask)
+    _check_same("labels", labels, shape, hidden.device)
+    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        _check_float(name, t)
+        _check_same(name, t, shape, hidden.device)
+    if cfg.batch_entropy_coef and hidden.dim() != 3:
+        raise ValueError(f"hidden: batch_entropy_coef needs 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
+
+    hidden2d = hidden.reshape(-1, width)
+    n = hidden2d.shape[0]
+    m = mask.reshape(-1).float()
+    wts = m / m.sum().clamp_min(1.0)                                     # w_t = m_t / Σ m
+    labels1d = labels.reshape(-1).long()
+    labels1d = torch.where(m > 0, labels1d, torch.full_like(labels1d, -100))
+    per_token = [t.reshape(-1).float() for t in (advantages, old_logprobs, ref_logprobs)]
+    rows = chunk_size or choose_chunk_size(n, vocab, hidden.device)
+    needs = _needs(hidden, weight, bias)
+
+    bent, h_batch = None, None
+    if cfg.batch_entropy_coef:
+        B, T = mask.shape
+        count = mask.float().sum(0)                                       # Σ_b m_bt [T]
+        wpos = (mask.float() / count.clamp_min(1.0)).reshape(-1)          # m_bt / Σ_b m_bt [N]
+        pos = torch.arange(T, device=hidden.device).repeat(B)             # t of row b·T + t
+        h_batch, g = _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, cfg.temperature, rows)
+        bent = (g, wpos, pos)
+
+    if any(needs):
+        total, lp, ent, kl = _FusedLinearPolicyLoss.apply(hidden2d, weight, bias, labels1d, wts, *per_token,
+                                                          cfg, rows, bent, accum_fp32)
+    else:
+        total, lp, ent, kl = _policy_pass(hidden2d, weight, bias, labels1d, wts, *per_token, cfg, rows,
+                                          None, None)
+    loss = total
+    out = ref._loss_outputs(lp.view(shape), ent.view(shape), kl.view(shape), mask, old_logprobs,
+                            ref_logprobs, advantages, cfg)
+    if h_batch is not None:
+        loss = loss - cfg.batch_entropy_coef * h_batch
+        out["batch_entropy"] = h_batch
+    return loss, out
+
+
+__all__ = ["fused_linear_logprobs", "fused_linear_policy_loss", "choose_chunk_size"]
