@@ -42,6 +42,31 @@ PRESETS = {
 }
 
 
+# Help of the model flags (their semantics belong to fastrlhf.models.ModelConfig).
+MODEL_HELP = {
+    "model_name_or_path": "Hugging Face name or local path of a causal LM (None: the built-in tiny Llama with "
+                          "the character tokenizer)",
+    "dtype": "weights dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
+    "attn_implementation": "auto | flash_attention_2 | sdpa | eager",
+    "use_peft": "train LoRA adapters (peft) instead of all weights; the reference is the adapter-free base",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+    "lora_target_modules": "'all-linear' or comma-separated module names",
+    "load_in_4bit": "4-bit (bitsandbytes) base; needs --use_peft",
+    "load_in_8bit": "8-bit (bitsandbytes) base; needs --use_peft",
+    "bnb_4bit_quant_type": "nf4 | fp4", "bnb_4bit_use_double_quant": "nested 4-bit quantization",
+    "bnb_4bit_compute_dtype": "auto (= dtype) | float32 | bfloat16 | float16",
+    "ref_load_in_8bit": "load the frozen reference copy in 8-bit (without --use_peft)",
+    "critic_model_name_or_path": "separate critic trunk (None: value head on the policy trunk; ppo-max uses "
+                                 "--reward_model when given)",
+    "value_head": "build a value head (PPO, PPO-max and APA all need one)",
+    "gradient_checkpointing": "recompute activations in backward to save memory",
+    "max_memory_gb": "cap this process's GPU memory (GiB)",
+    "tiny_hidden_size": "built-in model: hidden size", "tiny_num_layers": "built-in model: layers",
+    "tiny_num_heads": "built-in model: attention heads", "tiny_intermediate_size": "built-in model: MLP size",
+    "tiny_max_positions": "built-in model: max positions", "tiny_seed": "built-in model: init seed",
+}
+
+
 def _f(default, help, choices=None, preset=False, flag=True):
     return field(default=default, metadata={"help": help, "choices": choices, "preset": preset, "flag": flag})
 
@@ -64,6 +89,8 @@ class TrainConfig:
     output_dir: str = _f("runs/fastrlhf", "where metrics.jsonl, checkpoints, the plot and TensorBoard go")
     seed: int = _f(0, "seed of every random generator")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda", ("auto", "cpu", "cuda"))
+    num_threads: Optional[int] = _f(None, "CPU threads for torch (None: 1 for the built-in tiny model, whose "
+                                          "matmuls are too small to gain from threads, else torch's default)")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     max_steps: int = _f(60, "RL steps (one rollout batch each)")
     save_steps: int = _f(0, "checkpoint every N steps (0: only at the end)")
@@ -169,6 +196,8 @@ def _base_type(tp):
     args = typing.get_args(tp)
     if typing.get_origin(tp) is typing.Union and type(None) in args:
         return next(a for a in args if a is not type(None)), True
+    if typing.get_origin(tp) is typing.Union:  # e.g. Union[str, list]: given as a string on the command line
+        return str, False
     return tp, False
 
 
@@ -202,7 +231,7 @@ def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
         for f, tp in _fields(cls):
             base, optional = _base_type(tp)
             default = getattr(defaults, f.name)
-            help_ = f.metadata.get("help", "") or f.name
+            help_ = f.metadata.get("help") or MODEL_HELP.get(f.name, f.name)
             if f.metadata.get("preset"):
                 help_ += " (default per --algo: " + ", ".join(
                     f"{a}={PRESETS[a][f.name]}" for a in ALGOS) + ")"
@@ -215,6 +244,7 @@ def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
             else:
                 if choices:
                     kw["help"] += f" {{{', '.join(map(str, choices))}}}"
+                    kw["choices"] = choices + [None] if optional else choices
                 group.add_argument(f"--{f.name}", type=_parser_type(f.name, base, optional),
                                    metavar=base.__name__.upper(), **kw)
     return p
@@ -297,6 +327,8 @@ def validate(cfg: TrainConfig):
         v = getattr(cfg, name)
         if not (isinstance(v, int) and v >= 0):
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    if cfg.num_threads is not None and cfg.num_threads < 1:
+        raise ValueError(f"num_threads: expected None or an int >= 1, got {cfg.num_threads!r}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ValueError(f"save_total_limit: expected None or an int >= 1, got {cfg.save_total_limit!r}")
     for name in ("learning_rate", "critic_learning_rate", "sft_learning_rate", "temperature", "kl_target",
@@ -358,4 +390,6 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"sft_steps: the built-in warm-start is for the arithmetic task, got --task {cfg.task!r}")
     if cfg.bf16 and cfg.device == "cuda" and cfg.model.dtype in ("float16", "fp16"):
         raise ValueError("bf16: autocast to bf16 with a float16 model; pass --no-bf16 or --dtype bfloat16")
+    if not cfg.model.value_head:
+        raise ValueError("value_head: PPO, PPO-max and APA all need values (GAE); expected value_head=True")
     validate_model(cfg.model)

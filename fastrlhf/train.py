@@ -26,12 +26,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import checkpoint, metrics, ops
+from . import checkpoint, hf, metrics, ops
 from .algos import AdaptiveKL, RunningMoments, advantages_and_returns, scale_scores, token_rewards
 from .config import TrainConfig, parse_args
+from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .generation import generate
+from .hf import output_layer
 from .models import Bundle, critic_hidden_states, load, values
 from .ref import masked_mean
 from .rewards import make_reward, scores_tensor
@@ -39,7 +40,8 @@ from .tasks import load_prompts, make_task, solve
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model passes. The vocabulary-sized work is in `policy_forward` and `token_logprobs` only.
+# Model passes. The vocabulary-sized work is in `policy_forward` and `token_logprobs` only (fused
+# linear path: hidden states and the output layer's weight, never [B, n, V] logits).
 # ----------------------------------------------------------------------------------------------------
 
 def _positions(attn):
@@ -48,32 +50,32 @@ def _positions(attn):
 
 
 def hidden_states(model, input_ids, attn) -> torch.Tensor:
-    """Final (normed) hidden states [B, T, H] of a causal LM (peft-wrapped or not), no logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=_positions(attn),
-                             use_cache=False)
-    return out.last_hidden_state
-
-
-def output_layer(model):
-    """(weight [V, H], bias [V] or None) of the LM head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    return head.weight, head.bias
+    """Final hidden states [B, T, H] of a causal LM (peft-wrapped or not); no logits computed."""
+    return hf.hidden_states(model, input_ids, attn, position_ids=_positions(attn))
 
 
 def token_logprobs(hidden, weight, bias, labels, temperature):
-    """hidden [B, n, H], labels [B, n] -> (log-prob [B, n], entropy [B, n]) float32, no grad."""
-    logits = F.linear(hidden, weight, bias)
-    return ops.logprobs_and_entropy(logits, labels, temperature=temperature)
+    """hidden [B, n, H], labels [B, n] -> (log-prob [B, n], entropy [B, n]) float32, without [B, n, V]."""
+    return fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True)
 
 
 def policy_forward(hidden, weight, bias, labels, mask, advantages, old_logprobs, ref_logprobs,
                    loss_cfg: ops.LossConfig):
-    """The policy loss of one micro-batch from hidden states [B, n, H] -> (loss, out dict)."""
-    logits = F.linear(hidden, weight, bias)
-    return ops.policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs,
-                                       **dataclasses.asdict(loss_cfg))
+    """The policy loss of one micro-batch from hidden states [B, n, H] -> (loss, out dict), on the
+    fused linear path (the [B, n, V] logits are never materialized)."""
+    return fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs,
+                                    bias=bias, **dataclasses.asdict(loss_cfg))
+
+
+def nll(model, input_ids, attn, start: int, target_mask) -> torch.Tensor:
+    """Mean next-token negative log-likelihood of input_ids[:, start:start+n] where target_mask [B, n]
+    is 1 (supervised warm-start, ptx loss)."""
+    n = target_mask.shape[1]
+    weight, bias = output_layer(model)
+    labels = input_ids[:, start:start + n].masked_fill(target_mask == 0, -100)
+    lp = fused_linear_logprobs(hidden_states(model, input_ids, attn)[:, start - 1:start - 1 + n], weight, labels,
+                               bias=bias)
+    return -masked_mean(lp, target_mask)
 
 
 def value_forward(bundle: Bundle, input_ids, attn, policy_hidden, P: int, n: int) -> torch.Tensor:
@@ -146,6 +148,9 @@ def _schedule(cfg: TrainConfig, total: int):
 
 def setup(cfg: TrainConfig) -> Run:
     device = resolve_device(cfg.device)
+    threads = cfg.num_threads or (1 if cfg.model.model_name_or_path is None else None)
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     bundle = load(cfg.model, device)
     tok = bundle.tokenizer
@@ -257,10 +262,7 @@ def ptx_loss(run: Run, n: int) -> torch.Tensor:
     for i, r in enumerate(rows):
         ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r), 1
     ids, attn = ids.to(run.device), attn.to(run.device)
-    w, b = output_layer(run.bundle.policy)
-    logits = F.linear(hidden_states(run.bundle.policy, ids, attn)[:, :-1], w, b)
-    labels = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return nll(run.bundle.policy, ids, attn, 1, attn[:, 1:])
 
 
 def micro_batch_loss(run: Run, roll: dict, idx: torch.Tensor, loss_cfg):
@@ -343,11 +345,8 @@ def warm_start(run: Run):
         a_ids, a_mask = a_ids.to(run.device), a_mask.to(run.device)
         seq, attn = torch.cat([p_ids, a_ids], 1), torch.cat([p_attn, a_mask], 1)
         P = p_ids.shape[1]
-        w, b = output_layer(bundle.policy)
         with run.autocast():
-            logits = F.linear(hidden_states(bundle.policy, seq, attn)[:, P - 1:P - 1 + n], w, b)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               a_ids.masked_fill(a_mask == 0, -100).reshape(-1))
+            loss = nll(bundle.policy, seq, attn, P, a_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
