@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import tempfile
@@ -263,11 +264,20 @@ def _quantization_config(cfg: ModelConfig, dtype: torch.dtype, bits: Optional[in
                               bnb_4bit_compute_dtype=compute)
 
 
+def _dtype_kwarg() -> str:
+    """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def _from_pretrained(auto, path: str, device: torch.device, dtype: torch.dtype, attn: str, bits: Optional[int],
                      cfg: ModelConfig) -> nn.Module:
     """One model from a checkpoint directory or hub name, placed on `device` while loading."""
-    kwargs = dict(dtype=dtype, attn_implementation=attn, device_map={"": device},
+    kwargs = dict(attn_implementation=attn, device_map={"": device},
                   quantization_config=_quantization_config(cfg, dtype, bits))
+    kwargs[_dtype_kwarg()] = dtype
     try:
         model = auto.from_pretrained(path, **kwargs)
     except ValueError as exc:  # architecture without SDPA support: fall back to eager attention
@@ -325,6 +335,36 @@ def _checkpoint_path(cfg: ModelConfig, tokenizer):
         yield tmp
 
 
+def reward_head(name_or_path: str, hidden: int):
+    """(weight [1, H], bias [1] or None) of the one-output classification layer ("score" in transformers'
+    *ForSequenceClassification decoders, "classifier" in encoders) of a reward-model checkpoint (local
+    directory or hub name, safetensors), or None when the checkpoint has no such [1, H] layer."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    opt = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    index = cached_file(name_or_path, "model.safetensors.index.json", **opt)
+    if index is not None:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        weight_map = {None: "model.safetensors"}
+    for key, filename in weight_map.items():
+        if key is not None and not key.endswith(("score.weight", "classifier.weight")):
+            continue
+        path = cached_file(name_or_path, filename, **opt)
+        if path is None:
+            return None
+        with safe_open(path, "pt") as f:
+            keys = [k for k in f.keys() if k.split(".")[-2:] in (["score", "weight"], ["classifier", "weight"])]
+            for k in keys:
+                w = f.get_tensor(k)
+                if tuple(w.shape) == (1, hidden):
+                    b = k[:-len("weight")] + "bias"
+                    return w.float(), (f.get_tensor(b).float() if b in f.keys() else None)
+    return None
+
+
 def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
     """Validate `cfg`, apply the memory cap, and load policy, tokenizer, value head, critic and reference."""
     validate(cfg)
@@ -357,6 +397,13 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
         value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
+        head = reward_head(cfg.critic_model_name_or_path, hidden) if critic is not None else None
+        if head is not None:  # a reward model as critic: start the values at its per-token scores
+            with torch.no_grad():
+                value_head.weight.copy_(head[0])
+                if head[1] is not None:
+                    value_head.bias.copy_(head[1])
+            log.info("value head initialized from the score head of %s", cfg.critic_model_name_or_path)
 
     if cfg.use_peft:
         @contextlib.contextmanager

@@ -120,11 +120,31 @@ def test_value_head_on_shared_trunk():
         critic_hidden_states(b, enc["input_ids"], enc["attention_mask"])
 
 
+def test_reward_model_as_critic_starts_at_its_scores(tmp_path):
+    """A one-label sequence classifier as critic: its trunk, and the value head initialized from its score
+    layer, so the value at the last token equals the reward model's score."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=0)).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    b = load(ModelConfig(tiny_num_layers=2, critic_model_name_or_path=str(tmp_path / "rm")), "cpu")
+    assert torch.equal(b.value_head.weight, rm.score.weight)
+    enc = b.tokenizer(["12+34=46", "7*8=56!!"])  # same length: no padding
+    with torch.no_grad():
+        v = values(b, critic_hidden_states(b, enc["input_ids"], enc["attention_mask"]))
+        want = rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(v[:, -1], want, rtol=1e-5, atol=1e-5)
+    assert models.reward_head(str(tmp_path / "rm"), 32) is None  # wrong width: no head
+
+
 def test_separate_critic(tmp_path):
     critic_path, _ = save_tiny(tmp_path, "llama", hidden=64)
     b = load(ModelConfig(use_peft=True, lora_r=4, tiny_num_layers=2, critic_model_name_or_path=critic_path), "cpu")
     assert b.critic is not None and b.critic.get_base_model().get_output_embeddings() is None  # trunk only
     assert b.value_head.in_features == 64
+    assert torch.equal(b.value_head.weight, torch.zeros_like(b.value_head.weight))  # a causal LM: no score head
     enc = b.tokenizer(PROMPTS)
     b.value_head.weight.data.normal_()
     v = values(b, critic_hidden_states(b, enc["input_ids"], enc["attention_mask"]))
