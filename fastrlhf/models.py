@@ -12,7 +12,9 @@ policy, with as few copies of the weights as the options allow:
                                                       ref_load_in_8bit)
     critic_model_name_or_path  (any of the above)     (as above)                    separate trunk (AutoModel,
                                                                                     no LM head) + value head,
-                                                                                    LoRA/quantized like policy
+                                                                                    LoRA/quantized like policy;
+                                                                                    a one-label reward model's
+                                                                                    score layer seeds the head
 
 `validate(cfg)` rejects bad combinations before any weight is created (it reads only configs and
 builds the architecture on the meta device to check LoRA target names).
@@ -94,7 +96,9 @@ class ModelConfig:
 class Bundle:
     """Everything the trainer needs from the models. `reference()` is a context manager yielding the
     reference policy (`with bundle.reference() as ref: ...`): the policy with its adapter disabled under
-    LoRA, else a frozen copy. `value_head` is nn.Linear(H, 1) in fp32 (zero-initialized, so values start
+    LoRA, else a frozen copy. Under LoRA the reference's log-probs equal the policy's bit for bit before
+    the first update when both are computed the same way: same train/eval mode and both under no_grad
+    (bitsandbytes runs different kernels for each, ~1e-3 apart on CPU 4-bit). `value_head` is nn.Linear(H, 1) in fp32 (zero-initialized, so values start
     at 0) on the policy's trunk, or on `critic`'s when there is one; None when cfg.value_head is False."""
 
     policy: nn.Module
