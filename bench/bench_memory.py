@@ -21,7 +21,9 @@ phase; Python heap and libraries included). An out-of-memory error is recorded a
 
     python bench/bench_memory.py               CPU smoke (built-in tiny Llama, 4-bit + LoRA); GPU sizes with CUDA
     python bench/bench_memory.py --gpu-sizes   Llama-3-8B shape under 16 GiB, Qwen2.5-0.5B shape under 4 GiB:
-                                               8 x (256 + 256) tokens, 4-bit nf4 base + LoRA r=16, bf16
+                                               8 x (256 + 256) tokens, 4-bit nf4 base + LoRA r=16, bf16,
+                                               gradient checkpointing (--models/--algos pick a subset; the
+                                               8B case writes a 16 GB random checkpoint to a temp dir first)
 
 TRL's PPOTrainer is not run here (not installed on the machines this was written on); compare in a
 run where it is.
@@ -162,14 +164,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu-sizes", action="store_true", help="the issue's GPU cases (default when CUDA is present)")
     p.add_argument("--algos", default="apa,ppo")
+    p.add_argument("--models", default="llama-3-8b,qwen2.5-0.5b", help="GPU cases to run (comma-separated)")
     args = p.parse_args(argv)
     device = harness.default_device()
     gpu = args.gpu_sizes or device.type == "cuda"
     if gpu and device.type != "cuda":
         p.error("--gpu-sizes needs a CUDA device")
     # (name, max_memory_gb, batch, prompt_len, new_tokens); name None = the built-in tiny Llama
-    cases = ([("llama-3-8b", 16.0, 8, 256, 256), ("qwen2.5-0.5b", 4.0, 8, 256, 256)] if gpu
-             else [(None, None, 4, 16, 8)])
+    gpu_cases = {"llama-3-8b": ("llama-3-8b", 16.0, 8, 256, 256), "qwen2.5-0.5b": ("qwen2.5-0.5b", 4.0, 8, 256, 256)}
+    if gpu and not set(args.models.split(",")) <= set(gpu_cases):
+        p.error(f"--models: expected names from {sorted(gpu_cases)}, got {args.models!r}")
+    cases = [gpu_cases[m] for m in args.models.split(",")] if gpu else [(None, None, 4, 16, 8)]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         tmp = Path(tmp)
