@@ -82,3 +82,17 @@ def test_failed_build_raises_with_the_fix_and_ops_fall_back(tmp_path):
     assert "IMPORT-ERROR fastrlhf extension: the CPU build failed" in out.stdout
     assert "to fix: install a C++ compiler" in out.stdout
     assert "gae: ext backend unavailable" in out.stdout and "running the PyTorch reference" in out.stdout
+
+
+def test_info_reports_every_backend_with_a_reason(capsys):
+    from fastrlhf.info import info, main
+    report = info()
+    keys = ("gpu", "triton", "cpu_extension", "cuda_extension", "flash_attn", "bitsandbytes")
+    for key in keys:
+        entry = report[key]
+        assert set(entry) == {"available", "version", "detail"}
+        assert entry["available"] or entry["detail"], f"{key}: missing without a reason"
+    assert report["cpu_extension"]["available"]
+    assert report["gpu"]["available"] == torch.cuda.is_available()
+    assert main([]) == 0
+    assert "CPU extension   yes" in capsys.readouterr().out
