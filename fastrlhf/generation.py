@@ -3,7 +3,8 @@
 One static KV cache of P + max_new_tokens positions is allocated per call; the prompt batch (left
 padded, `attention_mask`) is prefilled in one forward, then each decode step runs the model on one
 token per row and draws with `fastrlhf.ops.sample_tokens`. On CUDA the decode forward is captured
-once in a CUDA graph and replayed (falls back to eager, with one warning, when capture fails).
+once in a CUDA graph and replayed (falls back to eager, with one warning, when capture fails; a
+model that cannot use transformers' StaticCache decodes over its own cache, also with a warning).
 Finished rows (EOS drawn) keep running but emit `pad_token_id` with log-prob 0; the done flags
 stay on the device and are read back every `_CHECK_EVERY` steps to stop early.
 """
@@ -112,6 +113,21 @@ class _Decoder:
         return logits
 
 
+class _GrowingDecoder:
+    """Fallback decode step over the model's own (growing) cache: eager, the mask sliced to the length."""
+
+    def __init__(self, model, past, full_mask, pos0, prompt_len, logits_kw):
+        self.model, self.past, self.full_mask = model, past, full_mask
+        self.pos0, self.prompt_len, self.logits_kw = pos0, prompt_len, logits_kw
+
+    def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        out = self.model(tokens[:, None], attention_mask=self.full_mask[:, : self.prompt_len + step + 1],
+                         position_ids=self.pos0 + step, past_key_values=self.past, use_cache=True,
+                         **self.logits_kw)
+        self.past = out.past_key_values
+        return out.logits[:, -1, :]
+
+
 def _eos_tensor(eos_token_id, device) -> Optional[torch.Tensor]:
     if eos_token_id is None:
         return None
@@ -156,18 +172,26 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     use_cache_position = "cache_position" in params
     logits_kw = ({"logits_to_keep": 1} if "logits_to_keep" in params
                  else {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
-    cache = _static_cache(model, B, P + N, device, _model_dtype(model))
     full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long, device=device)], dim=1)
-
     # Positions as Hugging Face generate counts them: 0.. over the valid tokens, 1 on the padding.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    kw = dict(attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True,
-              **logits_kw)
-    if use_cache_position:
-        kw["cache_position"] = torch.arange(P, device=device)
-    logits = model(input_ids, **kw).logits[:, -1, :]
-
-    decoder = _Decoder(model, cache, full_mask, mask.sum(-1, keepdim=True), P, use_cache_position, logits_kw)
+    pos0 = mask.sum(-1, keepdim=True)
+    try:
+        cache = _static_cache(model, B, P + N, device, _model_dtype(model))
+        kw = dict(attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                  **logits_kw)
+        if use_cache_position:
+            kw["cache_position"] = torch.arange(P, device=device)
+        logits = model(input_ids, **kw).logits[:, -1, :]
+        decoder = _Decoder(model, cache, full_mask, pos0, P, use_cache_position, logits_kw)
+    except (TypeError, ValueError, AttributeError, NotImplementedError, ImportError) as exc:
+        # A model / transformers version without StaticCache support (e.g. GPT-2 on older 4.x)
+        warnings.warn(f"fastrlhf.generate: static KV cache unavailable for {type(model).__name__} "
+                      f"({type(exc).__name__}: {exc}); decoding with the model's own cache, no CUDA graph",
+                      RuntimeWarning, stacklevel=3)
+        out = model(input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits_kw)
+        logits = out.logits[:, -1, :]
+        decoder = _GrowingDecoder(model, out.past_key_values, full_mask, pos0, P, logits_kw)
     tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)
     live = torch.ones(B, N, dtype=torch.bool, device=device)   # live[:, t]: row had not stopped before t

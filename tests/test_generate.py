@@ -118,6 +118,21 @@ def test_peft_wrapped_greedy_matches_hf():
     assert torch.equal(out.sequences, ref)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fallback_without_static_cache_matches_hf(kind, monkeypatch):
+    import fastrlhf.generation as generation
+
+    def no_static_cache(*args, **kwargs):
+        raise TypeError("StaticCache not supported here")
+
+    monkeypatch.setattr(generation, "_static_cache", no_static_cache)
+    model = _model(kind)
+    ids, mask = _prompts()
+    with pytest.warns(RuntimeWarning, match="static KV cache unavailable"):
+        out = generate(model, ids, mask, max_new_tokens=8, temperature=0.0, pad_token_id=0)
+    assert torch.equal(out.sequences, _hf_greedy(model, ids, mask, 8, None))
+
+
 def test_bad_inputs():
     model = _model("llama")
     ids, mask = _prompts()
