@@ -35,7 +35,7 @@ def _loss_f64(x, labels, mask, adv, old, ref_lp, kw):
     if kw.get("batch_entropy_coef", 0.0):
         cnt = m.sum(0)
         pbar = (m[:, :, None] * p).sum(0) / cnt.clamp_min(1.0)[:, None]
-        h_t = -torch.where(pbar > 0, pbar * torch.log(pbar), torch.zeros_like(pbar)).sum(-1)
+        h_t = -(pbar * torch.log(torch.where(pbar > 0, pbar, torch.ones_like(pbar)))).sum(-1)
         h_batch = torch.where(cnt > 0, h_t, torch.zeros_like(h_t)).sum() / (cnt > 0).sum().clamp_min(1)
         loss = loss - kw["batch_entropy_coef"] * h_batch
     return loss, lp, ent, kl
