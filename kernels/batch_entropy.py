@@ -6,7 +6,7 @@
 Forward, three launches: row statistics (lse per row, kernels/token_logprobs.py); one program per
 (position t, vocabulary block) sums w_bt·p_bt over b into the [T, V] fp32 accumulator p̄ and writes
 its block's share of −Σ p̄ log p̄; the host adds the shares (no atomics: deterministic).
-Backward, one program per row tile: pass 1 gives Σ_u p_u g_u, pass 2 writes dz in the logits dtype.
+Backward, persistent programs over row tiles: pass 1 gives Σ_u p_u g_u, pass 2 writes dz in the logits dtype.
 Masked rows (w = 0) are never read. p̄ [T, V] fp32 is kept from forward to backward.
 """
 from __future__ import annotations
@@ -42,37 +42,38 @@ def _batch_mean_kernel(x_ptr, lse_ptr, w_ptr, pbar_ptr, hpart_ptr, B, T, V, stri
 
 @triton.jit
 def _batch_entropy_bwd_kernel(x_ptr, dz_ptr, lse_ptr, w_ptr, pbar_ptr, scale_ptr, n_rows, T, V, stride_b, stride_t,
-                              inv_temp, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    t = rows % T
-    x_off = (rows // T) * stride_b + t * stride_t
-    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
-    need = row_ok & (w > 0)
-    lse = tl.load(lse_ptr + rows, mask=need, other=0.0)
-    scale = tl.load(scale_ptr)                                       # grad_out / n_pos
-    cols = tl.arange(0, BLOCK_V)
-    # pass 1: Σ_u p_u g_u with g = −(log p̄ + 1)·scale (log p̄ taken as 0 where p̄ = 0)
-    pg = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
-        ld = need[:, None] & (c < V)[None, :]
-        z = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=ld, other=float("-inf")).to(tl.float32) * inv_temp
-        pbar = tl.load(pbar_ptr + t[:, None] * V + c[None, :], mask=ld, other=0.0)
-        g = -(tl.where(pbar > 0, tl.log(pbar), 0.0) + 1.0) * scale
-        p = tl.where(ld, tl.exp(z - lse[:, None]), 0.0)
-        pg += tl.sum(p * g, axis=1)
-    # pass 2: dz = w·p·(g − Σ p g)/τ
-    for start in range(0, V, BLOCK_V):
-        c = start + cols
-        ld = need[:, None] & (c < V)[None, :]
-        z = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=ld, other=float("-inf")).to(tl.float32) * inv_temp
-        pbar = tl.load(pbar_ptr + t[:, None] * V + c[None, :], mask=ld, other=0.0)
-        g = -(tl.where(pbar > 0, tl.log(pbar), 0.0) + 1.0) * scale
-        p = tl.where(ld, tl.exp(z - lse[:, None]), 0.0)
-        dz = (w * inv_temp)[:, None] * p * (g - pg[:, None])
-        tl.store(dz_ptr + rows[:, None] * V + c[None, :], dz.to(dz_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (c < V)[None, :])
+                              inv_temp, n_tiles, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)     # int64: rows·stride may pass 2^31
+        row_ok = rows < n_rows
+        t = rows % T
+        x_off = (rows // T) * stride_b + t * stride_t
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+        need = row_ok & (w > 0)
+        lse = tl.load(lse_ptr + rows, mask=need, other=0.0)
+        scale = tl.load(scale_ptr)                                       # grad_out / n_pos
+        cols = tl.arange(0, BLOCK_V)
+        # pass 1: Σ_u p_u g_u with g = −(log p̄ + 1)·scale (log p̄ taken as 0 where p̄ = 0)
+        pg = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            ld = need[:, None] & (c < V)[None, :]
+            z = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=ld, other=float("-inf")).to(tl.float32) * inv_temp
+            pbar = tl.load(pbar_ptr + t[:, None] * V + c[None, :], mask=ld, other=0.0)
+            g = -(tl.where(pbar > 0, tl.log(pbar), 0.0) + 1.0) * scale
+            p = tl.where(ld, tl.exp(z - lse[:, None]), 0.0)
+            pg += tl.sum(p * g, axis=1)
+        # pass 2: dz = w·p·(g − Σ p g)/τ
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            ld = need[:, None] & (c < V)[None, :]
+            z = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=ld, other=float("-inf")).to(tl.float32) * inv_temp
+            pbar = tl.load(pbar_ptr + t[:, None] * V + c[None, :], mask=ld, other=0.0)
+            g = -(tl.where(pbar > 0, tl.log(pbar), 0.0) + 1.0) * scale
+            p = tl.where(ld, tl.exp(z - lse[:, None]), 0.0)
+            dz = (w * inv_temp)[:, None] * p * (g - pg[:, None])
+            tl.store(dz_ptr + rows[:, None] * V + c[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (c < V)[None, :])
 
 
 # ----------------------------------------------------------------------------
@@ -122,10 +123,10 @@ def batch_entropy_backward(logits, lse, w, pbar, n_pos, grad_out, temperature: f
     if B * T == 0 or V == 0:
         return dz.zero_()
     scale = (grad_out.float() / n_pos.clamp_min(1.0)).reshape(1)
-    block_n, block_v, num_warps = token_logprobs.launch_config(B * T, V)
-    _batch_entropy_bwd_kernel[(triton.cdiv(B * T, block_n),)](
+    block_n, block_v, num_warps, n_tiles, grid = token_logprobs.launch_config(B * T, V, logits.device, 2)
+    _batch_entropy_bwd_kernel[grid](
         logits, dz, lse, w, pbar, scale, B * T, T, V, logits.stride(0), logits.stride(1), 1.0 / temperature,
-        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
+        n_tiles, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
     return dz
 
 

@@ -48,71 +48,72 @@ def _policy_rows_kernel(
         x_ptr, dz_ptr, labels_ptr, w_ptr, adv_ptr, old_ptr, ref_ptr,
         lp_ptr, ent_ptr, kl_ptr, wloss_ptr,
         n_rows, V, stride_x, stride_dz, inv_temp,
-        clip_low, clip_high, dual_clip, adv_coeff, kl_coef, entropy_coef,
+        clip_low, clip_high, dual_clip, adv_coeff, kl_coef, entropy_coef, n_tiles,
         IS_PPO: tl.constexpr, HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, HAS_KL: tl.constexpr,
         HAS_ENT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows, row_ok, row_off = _row_ids(n_rows, stride_x, BLOCK_N)
-    # pass 1: row statistics -> ℓ, H
-    m, s, u = _online_row_stats(x_ptr, row_off, row_ok, V, inv_temp, BLOCK_N, BLOCK_V)
-    log_s = tl.log(s)
-    lse = m + log_s
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-100)
-    valid = (labels >= 0) & (labels < V) & row_ok
-    z_y = tl.load(x_ptr + row_off + labels, mask=valid, other=0.0).to(tl.float32) * inv_temp
-    lp = tl.where(valid, z_y - lse, 0.0)
-    ent = log_s - u / s
-    # per-token loss and its derivative w.r.t. ℓ (closed forms in the module docstring)
-    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    ref_lp = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if IS_PPO:
-        ratio = tl.exp(lp - old)
-        lo = 1.0 - clip_low
-        hi = 1.0 + clip_high
-        unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
-        pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
-        d_unclipped = -adv * ratio
-        d_clipped = tl.where((ratio >= lo) & (ratio <= hi), d_unclipped, 0.0)
-        d_pg = tl.where(unclipped > clipped, d_unclipped,
-                        tl.where(unclipped < clipped, d_clipped, 0.5 * (d_unclipped + d_clipped)))
-        if HAS_DUAL:
-            cap = -dual_clip * adv
-            d_pg = tl.where(adv < 0, tl.where(pg < cap, d_pg, tl.where(pg == cap, 0.5 * d_pg, 0.0)), d_pg)
-            pg = tl.where(adv < 0, tl.minimum(pg, cap, propagate_nan=tl.PropagateNan.ALL), pg)
-    else:
-        r = lp - ref_lp - adv_coeff * adv
-        pg = r * r
-        d_pg = 2.0 * r
-    d = ref_lp - lp
-    if KL_EST == 0:
-        kl = -d
-        d_kl = tl.full([BLOCK_N], 1.0, tl.float32)
-    elif KL_EST == 1:
-        kl = 0.5 * d * d
-        d_kl = -d
-    else:
-        kl = _expm1_minus_x(d)
-        d_kl = -(kl + d)
-    loss = pg
-    d_lp = d_pg
-    if HAS_KL:
-        loss += kl_coef * kl
-        d_lp += kl_coef * d_kl
-    g_ent = tl.zeros([BLOCK_N], tl.float32)
-    if HAS_ENT:
-        loss -= entropy_coef * ent
-        g_ent = -entropy_coef * w
-    g_lp = tl.where(valid, w * d_lp, 0.0)                              # ℓ ≡ 0 at an ignored label
-    tl.store(lp_ptr + rows, lp, mask=row_ok)
-    tl.store(ent_ptr + rows, ent, mask=row_ok)
-    tl.store(kl_ptr + rows, kl, mask=row_ok)
-    tl.store(wloss_ptr + rows, w * loss, mask=row_ok)
-    # pass 2: dz
-    if WRITE_GRAD:
-        _write_row_grad(x_ptr, dz_ptr, row_off, rows * stride_dz, row_ok, labels, valid, lse, m + u / s,
-                        g_lp, g_ent, V, inv_temp, BLOCK_N, BLOCK_V)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows, row_ok, row_off = _row_ids(tile, n_rows, stride_x, BLOCK_N)
+        # pass 1: row statistics -> ℓ, H
+        m, s, u = _online_row_stats(x_ptr, row_off, row_ok, V, inv_temp, BLOCK_N, BLOCK_V)
+        log_s = tl.log(s)
+        lse = m + log_s
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-100)
+        valid = (labels >= 0) & (labels < V) & row_ok
+        z_y = tl.load(x_ptr + row_off + labels, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        lp = tl.where(valid, z_y - lse, 0.0)
+        ent = log_s - u / s
+        # per-token loss and its derivative w.r.t. ℓ (closed forms in the module docstring)
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        ref_lp = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if IS_PPO:
+            ratio = tl.exp(lp - old)
+            lo = 1.0 - clip_low
+            hi = 1.0 + clip_high
+            unclipped = -adv * ratio
+            clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+            pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
+            d_unclipped = -adv * ratio
+            d_clipped = tl.where((ratio >= lo) & (ratio <= hi), d_unclipped, 0.0)
+            d_pg = tl.where(unclipped > clipped, d_unclipped,
+                            tl.where(unclipped < clipped, d_clipped, 0.5 * (d_unclipped + d_clipped)))
+            if HAS_DUAL:
+                cap = -dual_clip * adv
+                d_pg = tl.where(adv < 0, tl.where(pg < cap, d_pg, tl.where(pg == cap, 0.5 * d_pg, 0.0)), d_pg)
+                pg = tl.where(adv < 0, tl.minimum(pg, cap, propagate_nan=tl.PropagateNan.ALL), pg)
+        else:
+            r = lp - ref_lp - adv_coeff * adv
+            pg = r * r
+            d_pg = 2.0 * r
+        d = ref_lp - lp
+        if KL_EST == 0:
+            kl = -d
+            d_kl = tl.full([BLOCK_N], 1.0, tl.float32)
+        elif KL_EST == 1:
+            kl = 0.5 * d * d
+            d_kl = -d
+        else:
+            kl = _expm1_minus_x(d)
+            d_kl = -(kl + d)
+        loss = pg
+        d_lp = d_pg
+        if HAS_KL:
+            loss += kl_coef * kl
+            d_lp += kl_coef * d_kl
+        g_ent = tl.zeros([BLOCK_N], tl.float32)
+        if HAS_ENT:
+            loss -= entropy_coef * ent
+            g_ent = -entropy_coef * w
+        g_lp = tl.where(valid, w * d_lp, 0.0)                              # ℓ ≡ 0 at an ignored label
+        tl.store(lp_ptr + rows, lp, mask=row_ok)
+        tl.store(ent_ptr + rows, ent, mask=row_ok)
+        tl.store(kl_ptr + rows, kl, mask=row_ok)
+        tl.store(wloss_ptr + rows, w * loss, mask=row_ok)
+        # pass 2: dz
+        if WRITE_GRAD:
+            _write_row_grad(x_ptr, dz_ptr, row_off, rows * stride_dz, row_ok, labels, valid, lse, m + u / s,
+                            g_lp, g_ent, V, inv_temp, BLOCK_N, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------
@@ -147,12 +148,13 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
                              f"stride over V, got shape {tuple(dz.shape)} strides {dz.stride()} on {dz.device}")
     lp, ent, kl, wloss = (torch.empty(n, dtype=torch.float32, device=logits2d.device) for _ in range(4))
     if n:
-        block_n, block_v, num_warps = token_logprobs.launch_config(n, v)
-        _policy_rows_kernel[(triton.cdiv(n, block_n),)](
+        block_n, block_v, num_warps, n_tiles, grid = token_logprobs.launch_config(n, v, logits2d.device,
+                                                                                  2 if write_grad else 1)
+        _policy_rows_kernel[grid](
             logits2d, logits2d if dz is None else dz, labels, weight, advantages, old_logprobs, ref_logprobs,
             lp, ent, kl, wloss, n, v, logits2d.stride(0), 0 if dz is None else dz.stride(0),
             1.0 / cfg.temperature, cfg.clip_low, cfg.clip_high,
-            0.0 if cfg.dual_clip is None else cfg.dual_clip, cfg.adv_coeff, cfg.kl_coef, cfg.entropy_coef,
+            0.0 if cfg.dual_clip is None else cfg.dual_clip, cfg.adv_coeff, cfg.kl_coef, cfg.entropy_coef, n_tiles,
             IS_PPO=cfg.algo == "ppo", HAS_DUAL=cfg.dual_clip is not None, KL_EST=_KL_CODES[cfg.kl_estimator],
             HAS_KL=bool(cfg.kl_coef), HAS_ENT=bool(cfg.entropy_coef), WRITE_GRAD=write_grad,
             BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)

@@ -7,9 +7,10 @@ of `lse − Σpz` when |z| is large. Backward writes, per row,
     dz = (gℓ·(onehot(y) − p) + gH·(−p ⊙ (z − Σpz))) / τ     in the logits dtype,
 from the saved [N] fp32 `lse` and `Σpz`: logits are read once forward and once backward.
 
-A program owns BLOCK_N rows (1 for large V, more when V is small) and walks the vocabulary in
-blocks of BLOCK_V; the 1-D grid is cdiv(N, BLOCK_N) programs on axis 0 (limit 2^31 − 1, so any
-row count works), offsets are int64 (N·V may exceed 2^31).
+A tile is BLOCK_N rows (1 for large V, more when V is small); a program walks the vocabulary in
+blocks of BLOCK_V. The grid is persistent and 1-D (axis 0): min(tiles, SMs × PROGRAMS_PER_SM)
+programs loop over tiles, so any row count works and the rows in flight are bounded (which keeps a
+two-pass kernel's second read of a row in L2). Offsets are int64 (N·V may exceed 2^31).
 """
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ import triton.language as tl
 MAX_BLOCK_V = 4096
 # Rows × block elements held by one program when V is small (several short rows per program).
 MAX_TILE = 4096
+# Persistent grid size per SM: one-pass kernels / kernels that read each row twice (fewer rows in flight,
+# so the second read hits L2: 132 SMs × 2 × 300 KB rows (V = 151936 bf16) ≈ 80 MB vs 50 MB of H100 L2).
+# Starting points, to be tuned on the GPU.
+PROGRAMS_PER_SM = {1: 4, 2: 2}
+# Under the interpreter (CPU tensors): a small grid, so tests also exercise the loop over tiles.
+MAX_PROGRAMS_CPU = 8
 
 
 @triton.jit
@@ -75,54 +82,62 @@ def _write_row_grad(x_ptr, dz_ptr, row_off, dz_off, row_ok, labels, valid, lse, 
 
 
 @triton.jit
-def _row_ids(n_rows, stride, BLOCK_N: tl.constexpr):
-    """The program's rows, whether each exists, and their int64 element offsets."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _row_ids(tile, n_rows, stride, BLOCK_N: tl.constexpr):
+    """The rows of a tile, whether each exists, and their int64 element offsets."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)     # int64: rows·stride may pass 2^31
     row_ok = rows < n_rows
     return rows, row_ok, rows * stride
 
 
 @triton.jit
 def _logprobs_entropy_fwd_kernel(x_ptr, labels_ptr, lp_ptr, ent_ptr, lse_ptr, pz_ptr, n_rows, V, stride_x,
-                                 inv_temp, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows, row_ok, row_off = _row_ids(n_rows, stride_x, BLOCK_N)
-    m, s, u = _online_row_stats(x_ptr, row_off, row_ok, V, inv_temp, BLOCK_N, BLOCK_V)
-    log_s = tl.log(s)
-    lse = m + log_s
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < V) & row_ok
-    z_y = tl.load(x_ptr + row_off + labels, mask=valid, other=0.0).to(tl.float32) * inv_temp
-    tl.store(lp_ptr + rows, tl.where(valid, z_y - lse, 0.0), mask=row_ok)
-    tl.store(ent_ptr + rows, log_s - u / s, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(pz_ptr + rows, m + u / s, mask=row_ok)
+                                 inv_temp, ignore_index, n_tiles, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows, row_ok, row_off = _row_ids(tile, n_rows, stride_x, BLOCK_N)
+        m, s, u = _online_row_stats(x_ptr, row_off, row_ok, V, inv_temp, BLOCK_N, BLOCK_V)
+        log_s = tl.log(s)
+        lse = m + log_s
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = (labels != ignore_index) & (labels >= 0) & (labels < V) & row_ok
+        z_y = tl.load(x_ptr + row_off + labels, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        tl.store(lp_ptr + rows, tl.where(valid, z_y - lse, 0.0), mask=row_ok)
+        tl.store(ent_ptr + rows, log_s - u / s, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(pz_ptr + rows, m + u / s, mask=row_ok)
 
 
 @triton.jit
 def _logprobs_entropy_bwd_kernel(x_ptr, dz_ptr, labels_ptr, lse_ptr, pz_ptr, glp_ptr, gent_ptr, n_rows, V,
-                                 stride_x, stride_dz, inv_temp, ignore_index,
+                                 stride_x, stride_dz, inv_temp, ignore_index, n_tiles,
                                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows, row_ok, row_off = _row_ids(n_rows, stride_x, BLOCK_N)
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < V) & row_ok
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    pz = tl.load(pz_ptr + rows, mask=row_ok, other=0.0)
-    g_lp = tl.where(valid, tl.load(glp_ptr + rows, mask=row_ok, other=0.0), 0.0)   # ℓ ≡ 0 when ignored
-    g_ent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-    _write_row_grad(x_ptr, dz_ptr, row_off, rows * stride_dz, row_ok, labels, valid, lse, pz, g_lp, g_ent, V,
-                    inv_temp, BLOCK_N, BLOCK_V)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows, row_ok, row_off = _row_ids(tile, n_rows, stride_x, BLOCK_N)
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = (labels != ignore_index) & (labels >= 0) & (labels < V) & row_ok
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        pz = tl.load(pz_ptr + rows, mask=row_ok, other=0.0)
+        g_lp = tl.where(valid, tl.load(glp_ptr + rows, mask=row_ok, other=0.0), 0.0)   # ℓ ≡ 0 when ignored
+        g_ent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+        _write_row_grad(x_ptr, dz_ptr, row_off, rows * stride_dz, row_ok, labels, valid, lse, pz, g_lp, g_ent,
+                        V, inv_temp, BLOCK_N, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------
 
-def launch_config(n_rows: int, vocab: int):
-    """(BLOCK_N rows per program, BLOCK_V vocab block, num_warps) for a row kernel over [n_rows, vocab]."""
+def launch_config(n_rows: int, vocab: int, device: torch.device, reads_per_row: int = 1):
+    """(BLOCK_N rows per tile, BLOCK_V vocab block, num_warps, n_tiles, grid) for a row kernel over
+    [n_rows, vocab] whose programs read each row `reads_per_row` (1 or 2) times."""
     block_v = min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
     block_n = max(1, min(triton.next_power_of_2(max(n_rows, 1)), MAX_TILE // block_v))
     num_warps = 8 if block_n * block_v >= 2048 else 4
-    return block_n, block_v, num_warps
+    n_tiles = triton.cdiv(n_rows, block_n)
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM[reads_per_row]
+    else:
+        cap = MAX_PROGRAMS_CPU
+    return block_n, block_v, num_warps, n_tiles, (max(1, min(n_tiles, cap)),)
 
 
 def check_rows(logits2d: torch.Tensor, **per_row: torch.Tensor):
@@ -149,9 +164,9 @@ def row_stats(logits2d, labels, temperature: float, ignore_index: int = -100):
     lp, ent, lse, pz = (torch.empty(n, dtype=torch.float32, device=logits2d.device) for _ in range(4))
     if n == 0:
         return lp, ent, lse, pz
-    block_n, block_v, num_warps = launch_config(n, v)
-    _logprobs_entropy_fwd_kernel[(triton.cdiv(n, block_n),)](
-        logits2d, labels, lp, ent, lse, pz, n, v, logits2d.stride(0), 1.0 / temperature, ignore_index,
+    block_n, block_v, num_warps, n_tiles, grid = launch_config(n, v, logits2d.device)
+    _logprobs_entropy_fwd_kernel[grid](
+        logits2d, labels, lp, ent, lse, pz, n, v, logits2d.stride(0), 1.0 / temperature, ignore_index, n_tiles,
         BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
     return lp, ent, lse, pz
 
@@ -168,10 +183,10 @@ def row_grad(logits2d, labels, lse, pz, g_logprob, g_entropy, temperature: float
                          f"got shape {tuple(dz.shape)} strides {dz.stride()}")
     if n == 0:
         return dz
-    block_n, block_v, num_warps = launch_config(n, v)
-    _logprobs_entropy_bwd_kernel[(triton.cdiv(n, block_n),)](
+    block_n, block_v, num_warps, n_tiles, grid = launch_config(n, v, logits2d.device)
+    _logprobs_entropy_bwd_kernel[grid](
         logits2d, dz, labels, lse, pz, g_logprob, g_entropy, n, v, logits2d.stride(0), dz.stride(0),
-        1.0 / temperature, ignore_index, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
+        1.0 / temperature, ignore_index, n_tiles, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
     return dz
 
 

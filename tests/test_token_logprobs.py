@@ -134,7 +134,7 @@ def test_half_precision_log_softmax_trap():
 
 
 def test_rows_past_65535():
-    """More rows than a CUDA grid's y/z limit: the 1-D grid over row tiles covers them all."""
+    """More rows than a CUDA grid's y/z limit: the persistent 1-D grid loops over all row tiles."""
     n, V = 70_000, 5
     x, labels = _inputs((n,), V, torch.float32, scale=1.0)
     g_lp, g_ent = torch.randn(n), torch.randn(n)
@@ -148,11 +148,11 @@ def test_rows_past_65535():
     torch.testing.assert_close(grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_large_vocab_config_is_one_row_per_program():
-    """V up to 262144: a vocabulary loop over 4096-wide blocks, one row per program, grid = N rows."""
-    block_n, block_v, _ = K.launch_config(16384, 262144)
-    assert (block_n, block_v) == (1, K.MAX_BLOCK_V)
-    assert K.launch_config(100, 37)[:2] == (64, 64)
+def test_large_vocab_config_is_one_row_per_tile():
+    """V up to 262144: a vocabulary loop over 4096-wide blocks, one row per tile."""
+    block_n, block_v, _, n_tiles, grid = K.launch_config(16384, 262144, torch.device("cpu"))
+    assert (block_n, block_v, n_tiles) == (1, K.MAX_BLOCK_V, 16384) and grid == (K.MAX_PROGRAMS_CPU,)
+    assert K.launch_config(100, 37, torch.device("cpu"))[:2] == (64, 64)
 
 
 def test_launcher_errors_name_the_argument():
