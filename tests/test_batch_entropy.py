@@ -94,3 +94,18 @@ def test_non_contiguous_logits():
     h_t, grad_t = _run("triton", x, mask, 1.0, 2.0)
     torch.testing.assert_close(h_t, h_r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_t, grad_r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_large_vocab_against_float64():
+    """Real kernels (compiled, default blocks) on a 151936 vocabulary, bf16."""
+    x = (torch.randn(4, 16, 151936) * 2).to(torch.bfloat16).cuda()
+    mask = _mask(4, 16).cuda()
+    x64 = x.double().requires_grad_()
+    (_h_batch_f64(x64, mask, 1.0) * 1.7).backward()
+    h64 = _h_batch_f64(x, mask, 1.0)
+    h_r, grad_r = _run("torch", x, mask, 1.0, 1.7)
+    h_t, grad_t = _run("triton", x, mask, 1.0, 1.7)
+    assert _max_err(h_t, h64) <= 2 * _max_err(h_r, h64) + 1e-5
+    floor_g = 1e-9 + EPS[torch.bfloat16] * x64.grad.abs().max().item()
+    assert _max_err(grad_t, x64.grad) <= 2 * _max_err(grad_r, x64.grad) + floor_g

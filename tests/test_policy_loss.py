@@ -188,3 +188,19 @@ def test_ppo_tie_at_ratio_one_matches_reference():
     _, _, grad_r = _run("torch", x, labels, mask, adv, old, ref_lp, kw, 1.0)
     _, _, grad_t = _run("triton", x, labels, mask, adv, old, ref_lp, kw, 1.0)
     torch.testing.assert_close(grad_t, grad_r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("V", [32000, 151936])
+def test_cuda_large_vocab_against_float64(V):
+    """Real kernels (compiled, default blocks and persistent grid) on the issue's vocabularies, bf16."""
+    x, labels, mask, adv, old, ref_lp = (t.cuda() for t in _inputs(4, 24, V, torch.bfloat16))
+    kw = CONFIGS[1]
+    x64 = x.double().requires_grad_()
+    loss64, *_ = _loss_f64(x64, labels, mask, adv, old, ref_lp, kw)
+    (loss64 * 1.7).backward()
+    loss_r, _, grad_r = _run("torch", x, labels, mask, adv, old, ref_lp, kw, 1.7)
+    loss_t, _, grad_t = _run("triton", x, labels, mask, adv, old, ref_lp, kw, 1.7)
+    assert _max_err(loss_t, loss64) <= 2 * _max_err(loss_r, loss64) + 1e-5
+    floor_g = 1e-7 + EPS[torch.bfloat16] * x64.grad.abs().max().item()
+    assert _max_err(grad_t, x64.grad) <= 2 * _max_err(grad_r, x64.grad) + floor_g

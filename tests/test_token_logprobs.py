@@ -163,3 +163,22 @@ def test_launcher_errors_name_the_argument():
         K.row_stats(x[None], torch.zeros(4, dtype=torch.long), 1.0)
     with pytest.raises(TypeError, match="logits2d"):
         K.row_stats(x.long(), torch.zeros(4, dtype=torch.long), 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("V", [32000, 151936, 262144])
+def test_cuda_large_vocab_against_float64(V):
+    """Real kernels (compiled, default blocks and persistent grid) on the issue's vocabularies, bf16."""
+    x, labels = _inputs((96,), V, torch.bfloat16)
+    x, labels = x.cuda(), labels.cuda()
+    g_lp, g_ent = torch.randn(96, device="cuda"), torch.randn(96, device="cuda")
+    g_lp = torch.where(labels == -100, torch.zeros_like(g_lp), g_lp)
+    x64 = x.double().requires_grad_()
+    lp64, ent64 = _f64(x64, labels, 0.9, -100)
+    (lp64 * g_lp + ent64 * g_ent).sum().backward()
+    lp_r, ent_r, grad_r = _run("torch", x, labels, 0.9, -100, g_lp, g_ent)
+    lp_t, ent_t, grad_t = _run("triton", x, labels, 0.9, -100, g_lp, g_ent)
+    floor_g = EPS[torch.bfloat16] * x64.grad.abs().max().item()
+    for fast, slow, exact, floor in ((lp_t, lp_r, lp64, 1e-5), (ent_t, ent_r, ent64, 1e-5),
+                                     (grad_t, grad_r, x64.grad, floor_g)):
+        assert _max_err(fast, exact) <= 2 * _max_err(slow, exact) + floor
