@@ -171,16 +171,11 @@ def row_stats(logits2d, labels, temperature: float, ignore_index: int = -100):
     return lp, ent, lse, pz
 
 
-def row_grad(logits2d, labels, lse, pz, g_logprob, g_entropy, temperature: float, ignore_index: int = -100,
-             out=None):
-    """dz [n, V] in logits2d's dtype (or into `out`, which may be logits2d itself) from the row statistics
-    and the per-row upstream gradients gℓ, gH [n] fp32."""
+def row_grad(logits2d, labels, lse, pz, g_logprob, g_entropy, temperature: float, ignore_index: int = -100):
+    """dz [n, V] in logits2d's dtype from the row statistics and the per-row upstream gradients gℓ, gH [n] fp32."""
     logits2d = check_rows(logits2d, labels=labels, lse=lse, pz=pz, g_logprob=g_logprob, g_entropy=g_entropy)
     n, v = logits2d.shape
-    dz = torch.empty_like(logits2d) if out is None else out
-    if dz.shape != logits2d.shape or dz.stride(1) != 1:
-        raise ValueError(f"out: expected shape {tuple(logits2d.shape)} with unit stride over V, "
-                         f"got shape {tuple(dz.shape)} strides {dz.stride()}")
+    dz = torch.empty_like(logits2d)
     if n == 0:
         return dz
     block_n, block_v, num_warps, n_tiles, grid = launch_config(n, v, logits2d.device)
