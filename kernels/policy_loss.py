@@ -6,7 +6,8 @@ with w_t = m_t / Σ m over the micro-batch. So one program per row tile does
     pass 1: online softmax over the vocabulary -> ℓ, H (fp32, kernels/token_logprobs.py),
             then loss_t and the closed-form gℓ = w·∂loss/∂ℓ, gH = w·∂loss/∂H in registers;
     pass 2: dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σpz))/τ, in the logits dtype (optionally in place).
-Bytes moved: logits read twice (the second read mostly hits L2), dz written once.
+Bytes moved: logits read twice (the second read from L2 when the rows in flight fit), dz written once;
+backward scales dz in place by the upstream gradient, skipping all memory traffic when that is 1.
 
 Closed forms of ∂loss/∂ℓ (derived from fastrlhf.ref.token_loss, with torch's tie rules:
 maximum/minimum split the gradient in half on a tie, clamp passes it on the closed interval):
@@ -116,8 +117,20 @@ def _policy_rows_kernel(
                             g_lp, g_ent, V, inv_temp, BLOCK_N, BLOCK_V)
 
 
+@triton.jit
+def _scale_kernel(dz_ptr, g_ptr, numel, BLOCK: tl.constexpr):
+    """dz *= g in place (the backward of the loss). Every program returns at once when g == 1, so the
+    backward of an unscaled loss moves no [N, V] bytes and needs no host sync to find that out."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        dz = tl.load(dz_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + offs, (dz * g).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------
-# Host launcher
+# Host launchers
 # ----------------------------------------------------------------------------
 
 def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs, cfg: ref.LossConfig, *,
@@ -161,6 +174,17 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
     return lp, ent, kl, wloss.sum(), dz
 
 
+def scale_(dz, g):
+    """dz *= g (g a 0-d tensor on dz's device), free when g == 1; returns dz."""
+    if not dz.is_contiguous():
+        return dz.mul_(g.to(dz.dtype))
+    block = 8192                       # 16 KiB of bf16 per program: a plain streaming kernel
+    if dz.numel():
+        _scale_kernel[(triton.cdiv(dz.numel(), block),)](dz, g.float().reshape(1), dz.numel(), BLOCK=block,
+                                                           num_warps=8)
+    return dz
+
+
 # ----------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------
@@ -186,7 +210,7 @@ class _PolicyLossFromLogits(torch.autograd.Function):
                                "backward (it is scaled in place); retain_graph=True is not supported")
         ctx.used = True
         (dz,) = ctx.saved_tensors
-        return dz.mul_(g_total.to(dz.dtype)), None, None, None, None, None, None, None
+        return scale_(dz, g_total), None, None, None, None, None, None, None
 
 
 def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: ref.LossConfig,

@@ -204,3 +204,13 @@ def test_cuda_large_vocab_against_float64(V):
     assert _max_err(loss_t, loss64) <= 2 * _max_err(loss_r, loss64) + 1e-5
     floor_g = 1e-7 + EPS[torch.bfloat16] * x64.grad.abs().max().item()
     assert _max_err(grad_t, x64.grad) <= 2 * _max_err(grad_r, x64.grad) + floor_g
+
+
+@pytest.mark.parametrize("g", [1.0, 0.25])
+def test_backward_scale(g):
+    """The backward is dz·g in place; with g == 1 the kernel leaves dz untouched."""
+    dz = torch.randn(5, 37).to(torch.bfloat16)
+    expected = (dz.float() * g).to(torch.bfloat16)
+    got = P.scale_(dz, torch.tensor(g))
+    assert got.data_ptr() == dz.data_ptr()
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
