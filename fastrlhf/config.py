@@ -156,11 +156,13 @@ class TrainConfig:
     eval_samples: int = _f(256, "held-out prompts scored by `fastrlhf eval` and the final summary")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"flag": False})
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with the preset applied to every field left None, the task/reward defaults filled."""
+    def resolved(self, explicit=()) -> "TrainConfig":
+        """A copy with the preset applied to every field left None and not named in `explicit` (the
+        options the user gave, so `--score_clip none` can switch a preset's clip off), and the
+        task/reward defaults filled."""
         cfg = dataclasses.replace(self)
         for k, v in PRESETS[cfg.algo].items():
-            if getattr(cfg, k) is None:
+            if getattr(cfg, k) is None and k not in explicit:
                 setattr(cfg, k, v)
         if cfg.cliprange_high is None:
             cfg.cliprange_high = cfg.cliprange
@@ -221,7 +223,7 @@ def _parser_type(name, base, optional):
 
 
 def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                 description="PPO / PPO-max / APA on a Hugging Face causal LM. No flags: "
                                             "the built-in tiny Llama on single-digit addition.")
     p.add_argument("--config", default=None, help="YAML file of flag values (flags given here override it)")
@@ -293,10 +295,11 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
     yaml_path = ns.pop("config", None)
     values = load_yaml(yaml_path) if yaml_path else {}
     if values:
+        _split(values, f"config {yaml_path}")
         _check_types(values, f"config {yaml_path}")
     values.update(ns)
     train_kw, model_kw = _split(values, "options")
-    cfg = TrainConfig(model=ModelConfig(**model_kw), **train_kw).resolved()
+    cfg = TrainConfig(model=ModelConfig(**model_kw), **train_kw).resolved(explicit=set(values))
     validate(cfg)
     return cfg
 
@@ -308,6 +311,10 @@ def _choice(name, value, allowed):
 
 def validate(cfg: TrainConfig):
     """Every check that needs no model: values, ranges, and combinations."""
+    for name in ("num_mini_batches", "vf_coef", "gamma", "lam", "whiten_advantages", "score_scaling", "cliprange",
+                 "adv_coeff", "kl_coef", "kl_estimator", "kl_in"):
+        if getattr(cfg, name) is None:
+            raise ValueError(f"{name}: expected a value (it has no 'off' setting), got None")
     _choice("algo", cfg.algo, ALGOS)
     _choice("task", cfg.task, TASKS)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
@@ -356,6 +363,12 @@ def validate(cfg: TrainConfig):
     if not 0 <= cfg.sft_noise <= 1:
         raise ValueError(f"sft_noise: expected a number in [0, 1], got {cfg.sft_noise!r}")
     # combinations
+    if cfg.prompts and not Path(cfg.prompts).is_file():
+        raise ValueError(f"prompts: expected an existing file, got {cfg.prompts!r}")
+    if cfg.prompts and cfg.task == "arithmetic":
+        raise ValueError("prompts: the arithmetic task generates its prompts; use --task file or sentiment")
+    if cfg.task == "file" and not cfg.prompts:
+        raise ValueError("prompts: --task file needs --prompts FILE")
     if cfg.reward and cfg.reward_model:
         raise ValueError(f"reward, reward_model: give one, got --reward {cfg.reward!r} and --reward_model "
                          f"{cfg.reward_model!r}")
@@ -369,12 +382,6 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"reward: expected an existing Python file, got {cfg.reward.rsplit(':', 1)[0]!r}")
     if cfg.reward_model and not Path(cfg.reward_model).exists():
         raise ValueError(f"reward_model: expected a local model directory, got {cfg.reward_model!r}")
-    if cfg.prompts and not Path(cfg.prompts).is_file():
-        raise ValueError(f"prompts: expected an existing file, got {cfg.prompts!r}")
-    if cfg.prompts and cfg.task == "arithmetic":
-        raise ValueError("prompts: the arithmetic task generates its prompts; use --task file or sentiment")
-    if cfg.task == "file" and not cfg.prompts:
-        raise ValueError("prompts: --task file needs --prompts FILE")
     if cfg.task == "arithmetic":
         from .tasks import ArithmeticTask
         ArithmeticTask(digits=cfg.digits, operators=cfg.operators)
