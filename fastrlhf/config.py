@@ -92,7 +92,7 @@ class TrainConfig:
     num_threads: Optional[int] = _f(None, "CPU threads for torch (None: 1 for the built-in tiny model, whose "
                                           "matmuls are too small to gain from threads, else torch's default)")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
-    max_steps: int = _f(60, "RL steps (one rollout batch each)")
+    max_steps: int = _f(150, "RL steps (one rollout batch each)")
     save_steps: int = _f(0, "checkpoint every N steps (0: only at the end)")
     save_total_limit: Optional[int] = _f(2, "keep this many newest checkpoints (None: all)")
     resume: Optional[str] = _f(None, "'latest' (checkpoint in --output_dir) or a checkpoint directory; "
@@ -100,7 +100,7 @@ class TrainConfig:
     report_to: str = _f("none", "none | tensorboard", ("none", "tensorboard"))
     logging_steps: int = _f(1, "progress-bar refresh period (metrics.jsonl gets every step)")
     # --- rollout ---
-    per_device_batch_size: int = _f(16, "micro-batch size (sequences per forward/backward)")
+    per_device_batch_size: int = _f(32, "micro-batch size (sequences per forward/backward)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     num_mini_batches: Optional[int] = _f(None, "optimizer steps per epoch; rollout batch = "
                                                "per_device_batch_size x gradient_accumulation_steps x this",
