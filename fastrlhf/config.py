@@ -385,6 +385,12 @@ def validate(cfg: TrainConfig):
     if cfg.task == "arithmetic":
         from .tasks import ArithmeticTask
         ArithmeticTask(digits=cfg.digits, operators=cfg.operators)
+    if cfg.resume:
+        from .checkpoint import latest
+        if cfg.resume == "latest" and latest(cfg.output_dir) is None:
+            raise ValueError(f"resume: no checkpoint in --output_dir {cfg.output_dir!r} to resume from")
+        if cfg.resume != "latest" and not (Path(cfg.resume) / "state.pt").is_file():
+            raise ValueError(f"resume: expected a checkpoint directory (with state.pt), got {cfg.resume!r}")
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ValueError(f"ptx_coef: {cfg.ptx_coef} needs --ptx_file, got none")
     if cfg.ptx_file and not Path(cfg.ptx_file).is_file():

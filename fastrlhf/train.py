@@ -193,7 +193,8 @@ def encode_prompts(tok, prompts, max_len, device):
 
 
 def sample(run: Run, prompts, *, temperature=None, generator=None):
-    """Generate responses -> (input_ids [B, P+n], attn [B, P+n], P, response_mask [B, n], texts)."""
+    """Generate responses -> (input_ids [B, P+n], attn [B, P+n], P, response_mask [B, n], texts,
+    sampling log-probs [B, n])."""
     cfg, tok = run.cfg, run.bundle.tokenizer
     ids, attn = encode_prompts(tok, prompts, cfg.max_prompt_length, run.device)
     run.bundle.policy.eval()
@@ -207,13 +208,13 @@ def sample(run: Run, prompts, *, temperature=None, generator=None):
     full_attn = torch.cat([attn, rmask], dim=1)
     resp = gen.sequences[:, P:].masked_fill(rmask == 0, tok.pad_token_id)
     texts = tok.batch_decode(resp.tolist(), skip_special_tokens=True)
-    return gen.sequences, full_attn, P, rmask, texts
+    return gen.sequences, full_attn, P, rmask, texts, gen.logprobs
 
 
 @torch.no_grad()
 def rollout(run: Run, prompts) -> dict:
     cfg, bundle = run.cfg, run.bundle
-    seq, attn, P, mask, texts = sample(run, prompts)
+    seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
     n = mask.shape[1]
     labels = seq[:, P:]
     raw = scores_tensor(run.reward_fn(prompts, texts), len(prompts), run.device)
@@ -234,7 +235,9 @@ def rollout(run: Run, prompts) -> dict:
     m = mask.float()
     return dict(input_ids=seq, attn=attn, P=P, mask=mask, labels=labels, old_logprobs=old_lp, ref_logprobs=ref_lp,
                 old_values=old_values, advantages=adv, returns=returns, raw_scores=raw, scores=scores, texts=texts,
-                kl_seq=(kl * m).sum(1), entropy=masked_mean(entropy, m), response_len=m.sum(1))
+                kl_seq=(kl * m).sum(1), entropy=masked_mean(entropy, m), response_len=m.sum(1),
+                # the sampler's log-probs vs the recomputed ones: ~0 unless temperature or masks disagree
+                logprob_gap=((old_lp - sample_lp).abs() * m).max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,7 +415,7 @@ def evaluate(run: Run, n: int, *, seed: int, prompts=None) -> float:
     scores = []
     for s in range(0, len(prompts), 64):
         chunk = prompts[s:s + 64]
-        *_, texts = sample(run, chunk, temperature=0.0, generator=torch.Generator(run.device).manual_seed(seed))
+        *_, texts, _ = sample(run, chunk, temperature=0.0, generator=torch.Generator(run.device).manual_seed(seed))
         scores += scores_tensor(run.reward_fn(chunk, texts), len(chunk), "cpu").tolist()
     return sum(scores) / len(scores)
 
@@ -451,7 +454,8 @@ def train(cfg: TrainConfig) -> dict:
         record = {"step": step, "reward_mean": roll["raw_scores"].mean().item(),
                   "reward_std": roll["raw_scores"].std().item() if batch > 1 else 0.0,
                   "score_scaled_mean": roll["scores"].mean().item(), "kl": kl, "kl_coef": run.kl_ctl.value,
-                  "entropy": roll["entropy"].item(), **stats, "response_len": roll["response_len"].mean().item(),
+                  "entropy": roll["entropy"].item(), "logprob_gap": roll["logprob_gap"].item(), **stats,
+                  "response_len": roll["response_len"].mean().item(),
                   "tokens_per_s": roll["response_len"].sum().item() / dt, "step_time_s": dt,
                   "lr": run.scheduler.get_last_lr()[0], "peak_mem_mib": metrics.peak_mem_mib(run.device)}
         log.log(record)                                                    # 9. metrics

@@ -108,9 +108,15 @@ def test_help_lists_every_flag_with_its_default():
         assert flag in text
 
 
-def test_resume_flag_forms():
-    assert parse_args(["--resume"]).resume == "latest"
-    assert parse_args(["--resume", "runs/x/checkpoint-3"]).resume == "runs/x/checkpoint-3"
+def test_resume_flag_forms(tmp_path):
+    from fastrlhf import checkpoint
+    with pytest.raises(ValueError, match="no checkpoint"):
+        parse_args(["--resume", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        parse_args(["--resume", str(tmp_path / "checkpoint-3")])
+    checkpoint.save(tmp_path, 3, {}, {})
+    assert parse_args(["--resume", "--output_dir", str(tmp_path)]).resume == "latest"
+    assert parse_args(["--resume", str(tmp_path / "checkpoint-3")]).resume == str(tmp_path / "checkpoint-3")
 
 
 def test_ppo_max_critic_from_reward_model(tmp_path):

@@ -70,6 +70,18 @@ def test_lora_reference_starts_at_zero_kl_and_trains_only_the_adapter(tmp_path):
     assert state["policy"] and all("lora_" in k for k in state["policy"])
 
 
+def test_logprobs_recomputed_under_the_sampling_temperature(tmp_path):
+    """Trap: sampling at τ ≠ 1 with top-k/top-p and padded rows, then scoring the tokens at another
+    temperature or over pads. The recomputed old log-probs must equal the sampler's, and the KL to the
+    (identical) reference must be exactly 0 before any update."""
+    out = tmp_path / "run"
+    assert train.main(small(out, "--temperature", "0.7", "--top_k", "5", "--top_p", "0.9", "--max_steps", "1",
+                            "--max_new_tokens", "5")) == 0
+    rec = records(out)[0]
+    assert rec["logprob_gap"] < 1e-4
+    assert rec["kl"] == 0.0
+
+
 def _strip(recs):
     timing = ("tokens_per_s", "step_time_s", "peak_mem_mib")
     return [{k: v for k, v in r.items() if k not in timing} for r in recs]
