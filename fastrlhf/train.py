@@ -479,12 +479,19 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def _quiet_transformers():
+    """The CLI shows one progress bar (ours), not transformers' per-load shard bars."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:
         print(f"fastrlhf train: error: {exc}", file=sys.stderr)
         return 2
+    _quiet_transformers()
     train(cfg)
     return 0
 
@@ -514,6 +521,7 @@ def eval_main(argv=None) -> int:
     except ValueError as exc:
         print(f"fastrlhf eval: error: {exc}", file=sys.stderr)
         return 2
+    _quiet_transformers()
     run = setup(cfg)
     load_weights(run, state)
     n = args.eval_samples or cfg.eval_samples
