@@ -265,6 +265,11 @@ def _split(values: dict, source: str) -> tuple:
 def _check_types(values: dict, source: str):
     hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(ModelConfig)}
     for k, v in values.items():
+        args = typing.get_args(hints[k])
+        if typing.get_origin(hints[k]) is typing.Union and type(None) not in args:
+            if not isinstance(v, tuple(typing.get_origin(a) or a for a in args)):
+                raise ValueError(f"{source}: {k}: expected one of {[a.__name__ for a in args]}, got {v!r}")
+            continue
         base, optional = _base_type(hints[k])
         if v is None and optional:
             continue

@@ -32,10 +32,11 @@ def test_preset_values_from_the_design():
 
 def test_yaml_then_flags(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("algo: apa\nlearning_rate: 1.0e-4\nmax_steps: 7\nuse_peft: true\nlora_r: 4\n")
+    f.write_text("algo: apa\nlearning_rate: 1.0e-4\nmax_steps: 7\nuse_peft: true\nlora_r: 4\n"
+                 "lora_target_modules: [q_proj, v_proj]\n")
     cfg = parse_args(["--config", str(f), "--max_steps", "9"])
     assert cfg.algo == "apa" and cfg.learning_rate == 1e-4 and cfg.max_steps == 9
-    assert cfg.model.use_peft and cfg.model.lora_r == 4
+    assert cfg.model.use_peft and cfg.model.lora_r == 4 and cfg.model.lora_target_modules == ["q_proj", "v_proj"]
 
 
 def test_yaml_errors(tmp_path):
