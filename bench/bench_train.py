@@ -89,9 +89,10 @@ def run_algo(algo: str, directory: Path, out: Path, s: dict, steps: int, device:
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
         max(r["peak_mem_mib"] for r in recs)
     shape = {k: s[k] for k in ("batch", "prompt", "response", "hidden_size", "num_hidden_layers", "vocab_size")}
+    # tokens/s counts prompt + generated tokens per step; response_tokens_per_s only the generated ones
     return harness.result(f"train_step[{algo}]", "fastrlhf", shape, step_s * 1e3, peak,
-                          samples_per_s=s["batch"] / step_s, tokens_per_s=s["batch"] * (s["prompt"]) / step_s
-                          + tokens / step_s, response_tokens_per_s=tokens / step_s, steps_timed=len(timed))
+                          samples_per_s=s["batch"] / step_s, tokens_per_s=(s["batch"] * s["prompt"] + tokens) / step_s,
+                          response_tokens_per_s=tokens / step_s, steps_timed=len(timed))
 
 
 def main(argv=None) -> int:
