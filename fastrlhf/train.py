@@ -212,22 +212,34 @@ def sample(run: Run, prompts, *, temperature=None, generator=None):
 
 
 @torch.no_grad()
+def scoring_passes(run: Run, seq, attn, P: int, labels):
+    """No-grad passes over the rollout, per_device_batch_size rows at a time -> old log-probs,
+    entropy, values (policy / critic) and reference log-probs, each [B, n] float32."""
+    bundle, n, mb = run.bundle, labels.shape[1], run.cfg.per_device_batch_size
+    weight, bias = output_layer(bundle.policy)
+    parts = []
+    for s in range(0, seq.shape[0], mb):
+        ids, am, lab = seq[s:s + mb], attn[s:s + mb], labels[s:s + mb]
+        with run.autocast():
+            h = hidden_states(bundle.policy, ids, am)[:, P - 1:P - 1 + n]
+            lp, ent = token_logprobs(h, weight, bias, lab, run.cfg.temperature)
+            v = value_forward(bundle, ids, am, h, P, n).float()
+            with bundle.reference() as ref_model:
+                ref_w, ref_b = output_layer(ref_model)
+                ref_lp, _ = token_logprobs(hidden_states(ref_model, ids, am)[:, P - 1:P - 1 + n], ref_w, ref_b,
+                                           lab, run.cfg.temperature)
+        parts.append((lp, ent, v, ref_lp))
+    return tuple(torch.cat(t) for t in zip(*parts))
+
+
+@torch.no_grad()
 def rollout(run: Run, prompts) -> dict:
-    cfg, bundle = run.cfg, run.bundle
+    cfg = run.cfg
     seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
-    n = mask.shape[1]
     labels = seq[:, P:]
     raw = scores_tensor(run.reward_fn(prompts, texts), len(prompts), run.device)
     scores = scale_scores(raw, run.moments, mode=cfg.score_scaling, clip=cfg.score_clip)
-    weight, bias = output_layer(bundle.policy)
-    with run.autocast():
-        h = hidden_states(bundle.policy, seq, attn)[:, P - 1:P - 1 + n]
-        old_lp, entropy = token_logprobs(h, weight, bias, labels, cfg.temperature)
-        old_values = value_forward(bundle, seq, attn, h, P, n).float()
-        with bundle.reference() as ref_model:
-            ref_w, ref_b = output_layer(ref_model)
-            ref_lp, _ = token_logprobs(hidden_states(ref_model, seq, attn)[:, P - 1:P - 1 + n], ref_w, ref_b,
-                                       labels, cfg.temperature)
+    old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
     beta = run.kl_ctl.value if cfg.kl_in == "reward" else 0.0
     rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_coef=beta, estimator=cfg.kl_estimator)
     adv, returns = advantages_and_returns(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
