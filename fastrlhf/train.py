@@ -146,6 +146,19 @@ def _schedule(cfg: TrainConfig, total: int):
     return factor
 
 
+@torch.no_grad()
+def init_value_head_from_reward_model(bundle: Bundle, reward_model, label: int):
+    """PPO-max's critic starts as the reward model: its trunk is the critic (loaded by `models.load`),
+    and the value head takes the reward model's score row `label` (the head is linear on the
+    last hidden state in Hugging Face sequence classifiers: `score` or `classifier`)."""
+    head = getattr(reward_model.model, "score", None) or getattr(reward_model.model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear) or head.in_features != bundle.value_head.in_features:
+        return  # a non-linear or differently sized head: the value head keeps its zero init
+    bundle.value_head.weight.copy_(head.weight[label:label + 1].float())
+    if head.bias is not None:
+        bundle.value_head.bias.copy_(head.bias[label:label + 1].float())
+
+
 def setup(cfg: TrainConfig) -> Run:
     device = resolve_device(cfg.device)
     threads = cfg.num_threads or (1 if cfg.model.model_name_or_path is None else None)
@@ -157,6 +170,8 @@ def setup(cfg: TrainConfig) -> Run:
     task = make_task(cfg.task, digits=cfg.digits, operators=cfg.operators, prompts_file=cfg.prompts)
     reward_fn = make_reward(cfg.reward, reward_model=cfg.reward_model, reward_label=cfg.reward_label,
                             partial_credit=cfg.partial_credit, device=device, tokenizer=tok)
+    if cfg.reward_model and bundle.config.critic_model_name_or_path == cfg.reward_model:
+        init_value_head_from_reward_model(bundle, reward_fn, cfg.reward_label)
     policy_params = [p for p in bundle.policy.parameters() if p.requires_grad]
     critic_params = list(bundle.value_head.parameters()) if bundle.value_head is not None else []
     if bundle.critic is not None:

@@ -134,7 +134,8 @@ def test_reward_model_and_ppo_max_critic_from_it(tmp_path):
     torch.manual_seed(0)
     rm_cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, num_labels=1, max_position_embeddings=64)
-    LlamaForSequenceClassification(rm_cfg).save_pretrained(tmp_path / "rm")
+    rm = LlamaForSequenceClassification(rm_cfg)
+    rm.save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\nhow are you\n")
     out = tmp_path / "run"
@@ -143,6 +144,9 @@ def test_reward_model_and_ppo_max_critic_from_it(tmp_path):
     state, cfg = checkpoint.load(checkpoint.latest(out))
     assert cfg["model"]["critic_model_name_or_path"] == str(tmp_path / "rm")
     assert state["critic"] and state["value_head"]["weight"].shape == (1, 16)   # the head sits on the critic
+    # ... and started as the reward model's score head (2 Adam steps of lr 3e-4 away from it)
+    assert rm.score.weight.abs().max() > 0.01
+    torch.testing.assert_close(state["value_head"]["weight"], rm.score.weight, atol=1e-3, rtol=0)
 
 
 @pytest.mark.slow
