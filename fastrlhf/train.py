@@ -296,18 +296,20 @@ def ptx_loss(run: Run, n: int) -> torch.Tensor:
 
 
 def micro_batch_loss(run: Run, roll: dict, idx: torch.Tensor, loss_cfg):
-    cfg, bundle = run.cfg, run.bundle
-    seq, attn, P = roll["input_ids"][idx], roll["attn"][idx], roll["P"]
-    mask, labels = roll["mask"][idx], roll["labels"][idx]
-    n = mask.shape[1]
+    cfg, bundle, P = run.cfg, run.bundle, roll["P"]
+    # Responses are right padded: drop the columns after this micro-batch's longest response (the
+    # forward is causal, so the kept positions are unchanged).
+    n = max(1, int(roll["mask"][idx].sum(1).max()))
+    seq, attn = roll["input_ids"][idx, :P + n], roll["attn"][idx, :P + n]
+    mask, labels, adv, old_lp, ref_lp, old_v, returns = (
+        roll[k][idx, :n] for k in ("mask", "labels", "advantages", "old_logprobs", "ref_logprobs", "old_values",
+                                   "returns"))
     weight, bias = output_layer(bundle.policy)
     with run.autocast():
         h = hidden_states(bundle.policy, seq, attn)[:, P - 1:P - 1 + n]
-        pg_loss, out = policy_forward(h, weight, bias, labels, mask, roll["advantages"][idx],
-                                      roll["old_logprobs"][idx], roll["ref_logprobs"][idx], loss_cfg)
+        pg_loss, out = policy_forward(h, weight, bias, labels, mask, adv, old_lp, ref_lp, loss_cfg)
         v = value_forward(bundle, seq, attn, h, P, n)
-        v_loss, v_stats = ops.value_loss(v.float(), roll["old_values"][idx], roll["returns"][idx], mask.float(),
-                                         clip=cfg.cliprange_value)
+        v_loss, v_stats = ops.value_loss(v.float(), old_v, returns, mask.float(), clip=cfg.cliprange_value)
         loss = pg_loss + cfg.vf_coef * v_loss
         if cfg.ptx_coef > 0:
             loss = loss + cfg.ptx_coef * ptx_loss(run, len(idx))
