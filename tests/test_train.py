@@ -157,3 +157,25 @@ def test_default_job_learns_within_a_seeded_budget(tmp_path):
     assert train.main(["--output_dir", str(out), "--max_steps", "60", "--eval_samples", "64"]) == 0
     first, last = metrics.fifth_means(records(out))
     assert last >= first + 0.1, (first, last)
+
+
+def test_update_loss_ignores_padding_columns(tmp_path):
+    """Trap: unmasked padding. Appending all-pad response columns to a rollout (what a longer
+    micro-batch neighbour causes) changes neither the loss nor its statistics."""
+    from fastrlhf.config import parse_args
+    run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "4", "--entropy_coef", "0.01",
+                                       "--batch_entropy_coef", "0.01")))
+    roll = train.rollout(run, run.task.sample(4, run.data_rng))
+    pad = 3
+    padded = dict(roll)
+    for k in ("input_ids", "attn", "mask", "labels", "advantages", "old_logprobs", "ref_logprobs", "old_values",
+              "returns"):
+        t = roll[k]
+        fill = run.bundle.tokenizer.pad_token_id if k in ("input_ids", "labels") else 0
+        padded[k] = torch.cat([t, torch.full((t.shape[0], pad), fill, dtype=t.dtype)], dim=1)
+    idx = torch.arange(4)
+    cfg = train.loss_config(run)
+    loss_a, stats_a = train.micro_batch_loss(run, roll, idx, cfg)
+    loss_b, stats_b = train.micro_batch_loss(run, padded, idx, cfg)
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
