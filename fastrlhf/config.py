@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .models import ModelConfig
+from .models import OPTIMIZERS, ModelConfig
 from .models import validate as validate_model
 from .ref import KL_ESTIMATORS
 
@@ -114,6 +115,8 @@ class TrainConfig:
     # --- optimization ---
     learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
     critic_learning_rate: Optional[float] = _f(None, "value head / critic learning rate (None: --learning_rate)")
+    optim: str = _f("adamw_torch", "adamw_torch | adamw_8bit (bitsandbytes 8-bit states) | paged_adamw_8bit",
+                    OPTIMIZERS)
     weight_decay: float = _f(0.0, "AdamW weight decay")
     lr_scheduler_type: str = _f("constant", "constant | linear | cosine (after warmup)",
                                 ("constant", "linear", "cosine"))
@@ -324,6 +327,9 @@ def validate(cfg: TrainConfig):
     _choice("task", cfg.task, TASKS)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("report_to", cfg.report_to, ("none", "tensorboard"))
+    _choice("optim", cfg.optim, OPTIMIZERS)
+    if cfg.optim != "adamw_torch" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"optim: {cfg.optim!r} needs the bitsandbytes package (pip install 'fastrlhf[quant]')")
     _choice("lr_scheduler_type", cfg.lr_scheduler_type, ("constant", "linear", "cosine"))
     _choice("score_scaling", cfg.score_scaling, ("none", "std", "mean_std"))
     _choice("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)

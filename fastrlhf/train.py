@@ -33,7 +33,7 @@ from .config import TrainConfig, parse_args
 from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .generation import generate
 from .hf import output_layer
-from .models import Bundle, critic_hidden_states, load, values
+from .models import Bundle, critic_hidden_states, load, make_optimizer, values
 from .ref import masked_mean
 from .rewards import make_reward, scores_tensor
 from .tasks import load_prompts, make_task, solve
@@ -176,10 +176,9 @@ def setup(cfg: TrainConfig) -> Run:
     critic_params = list(bundle.value_head.parameters()) if bundle.value_head is not None else []
     if bundle.critic is not None:
         critic_params += [p for p in bundle.critic.parameters() if p.requires_grad]
-    groups = [{"params": policy_params, "lr": cfg.learning_rate}]
-    if critic_params:
-        groups.append({"params": critic_params, "lr": cfg.critic_learning_rate})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(policy_params, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if critic_params:  # second group: value head / critic at its own learning rate
+        optimizer.add_param_group({"params": critic_params, "lr": cfg.critic_learning_rate})
     total = cfg.max_steps * cfg.ppo_epochs * cfg.num_mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
     run = Run(cfg=cfg, bundle=bundle, task=task, reward_fn=reward_fn, optimizer=optimizer, scheduler=scheduler,

@@ -52,7 +52,7 @@ def test_yaml_errors(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--learning_rat", "1"], ["--algo", "reinforce"], ["--max_steps", "x"],
-                                  ["--kl_estimator", "k4"], ["--top_p", "abc"]])
+                                  ["--kl_estimator", "k4"], ["--top_p", "abc"], ["--optim", "sgd"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)

@@ -34,7 +34,8 @@ REGULARIZERS = {
             "--cliprange_high", "0.28"],
     "ppo-max": ["--adaptive_kl", "--kl_coef", "0.1", "--kl_target", "0.01", "--score_scaling", "mean_std",
                 "--report_to", "tensorboard"],
-    "apa": ["--kl_in", "loss", "--kl_coef", "0.1", "--kl_estimator", "k2"],
+    "apa": ["--kl_in", "loss", "--kl_coef", "0.1", "--kl_estimator", "k2", "--optim", "adamw_8bit",
+            "--critic_learning_rate", "1e-3"],
 }
 
 
