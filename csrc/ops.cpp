@@ -12,7 +12,7 @@
 //       z = logits / temperature; keep the top_k largest z (0 = all; ties at the k-th value kept), then
 //       the smallest set of largest z whose mass under the top-k-renormalized softmax reaches top_p;
 //       draw by inverse CDF over the kept tokens in index order: the first i with
-//       sum_{j <= i, kept} e_j > u * sum_{kept} e_j, e_j = exp(z_j - max z). tokens int64 [B];
+//       sum_{j <= i, kept} e_j > u * sum_{kept} e_j, e_j = exp(z_j - max z) (float32; sums in float64). tokens int64 [B];
 //       logprobs float32 [B] = z_tok - logsumexp(z) (the tempered full softmax).
 //       temperature == 0 or top_k == 1: greedy (first index of the max logit).
 //   Both keep sets are thresholds on z: kept(i) <=> z_i >= thr.
@@ -89,8 +89,9 @@ static void check_sample(const at::Tensor& logits, const at::Tensor& uniforms, d
   }
 }
 
-// One row: z [V] (already tempered), returns the kept threshold thr (kept(i) <=> z_i >= thr).
-static float keep_threshold(const std::vector<float>& z, float zmax, int64_t top_k, double top_p,
+// One row: z [V] (already tempered), e [V] = exp(z - max z); returns the kept threshold thr
+// (kept(i) <=> z_i >= thr).
+static float keep_threshold(const std::vector<float>& z, const std::vector<float>& e, int64_t top_k, double top_p,
                             std::vector<int64_t>& idx) {
   const int64_t V = static_cast<int64_t>(z.size());
   float thr = -std::numeric_limits<float>::infinity();
@@ -105,7 +106,7 @@ static float keep_threshold(const std::vector<float>& z, float zmax, int64_t top
   }
   if (top_p >= 1.0) return thr;
   double mass = 0;
-  for (int64_t j = 0; j < n; ++j) mass += std::exp(static_cast<double>(z[idx[j]] - zmax));
+  for (int64_t j = 0; j < n; ++j) mass += e[idx[j]];
   const double target = top_p * mass;
   // Sorted walk over the largest candidates; sort a prefix of M, doubling M until the mass is reached.
   double before = 0;
@@ -114,7 +115,7 @@ static float keep_threshold(const std::vector<float>& z, float zmax, int64_t top
     std::partial_sort(idx.begin() + j, idx.begin() + M, idx.begin() + n, desc);
     for (; j < M; ++j) {
       if (before >= target) return std::max(thr, z[idx[j - 1]]);  // j >= 1 here: target > 0
-      before += std::exp(static_cast<double>(z[idx[j]] - zmax));
+      before += e[idx[j]];
     }
     if (M == n) return thr;
   }
@@ -125,7 +126,7 @@ static void sample_rows(const scalar_t* logits, const double* uniforms, int64_t 
                         double temperature, int64_t top_k, double top_p, int64_t* tokens, float* logprobs) {
   const bool greedy = temperature == 0 || top_k == 1;
   const float tau = static_cast<float>(temperature);
-  std::vector<float> z(V);
+  std::vector<float> z(V), e(V);
   std::vector<int64_t> idx;
   for (int64_t b = b0; b < b1; ++b) {
     const scalar_t* x = logits + b * V;
@@ -136,21 +137,23 @@ static void sample_rows(const scalar_t* logits, const double* uniforms, int64_t 
       if (z[i] > zmax) zmax = z[i], arg = i;
     }
     double sum = 0;
-    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(z[i] - zmax));
+    for (int64_t i = 0; i < V; ++i) {
+      e[i] = std::exp(z[i] - zmax);
+      sum += e[i];
+    }
     const double lse = zmax + std::log(sum);
     int64_t tok = arg;
     if (!greedy) {
-      const float thr = keep_threshold(z, zmax, top_k, top_p, idx);
+      const float thr = keep_threshold(z, e, top_k, top_p, idx);
       double kept = 0;
       for (int64_t i = 0; i < V; ++i)
-        if (z[i] >= thr) kept += std::exp(static_cast<double>(z[i] - zmax));
+        if (z[i] >= thr) kept += e[i];
       const double target = uniforms[b] * kept;
       double cum = 0;
       for (int64_t i = 0; i < V; ++i) {
         if (z[i] < thr) continue;
-        const double e = std::exp(static_cast<double>(z[i] - zmax));
-        if (e > 0) tok = i;  // the last positive-weight token, if rounding leaves cum <= target
-        cum += e;
+        if (e[i] > 0) tok = i;  // the last positive-weight token, if rounding leaves cum <= target
+        cum += e[i];
         if (cum > target) break;
       }
     }

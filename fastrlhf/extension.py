@@ -2,7 +2,7 @@
 
 Built on first import with `torch.utils.cpp_extension.load` (ninja), from the sources shipped in the
 `fastrlhf.csrc` package, into a cache directory: $TORCH_EXTENSIONS_DIR if set, else
-~/.cache/fastrlhf/extensions/<torch version>-<cpu|cuda>. Later imports reuse the built library.
+~/.cache/fastrlhf/extensions/<torch version>-<cpu|cuda>-<hash of the source directory>. Later imports reuse the built library.
 The CUDA sources are compiled when torch sees a GPU and a CUDA toolkit (nvcc, CUDA_HOME) is there;
 a failed CUDA build leaves the CPU operators (CUDA tensors then run the PyTorch reference, with one
 warning). Importing this module raises ImportError, saying why and how to fix it, when not even the
@@ -10,6 +10,7 @@ CPU part can be built; `fastrlhf.ops` then runs the PyTorch reference with one w
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import warnings
@@ -31,9 +32,12 @@ def _sources_dir() -> Path:
 
 
 def _build_dir(flavor: str) -> Path:
+    """One directory per torch version, flavor and source location (two checkouts sharing one cache
+    would otherwise rebuild each other's library on every import)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "fastrlhf" / "extensions"
-    path = base / f"torch{torch.__version__.replace('+', '_')}-{flavor}"
+    where = hashlib.sha1(str(_sources_dir()).encode()).hexdigest()[:10]
+    path = base / f"torch{torch.__version__.replace('+', '_')}-{flavor}-{where}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
