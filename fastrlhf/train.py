@@ -33,7 +33,7 @@ from .config import TrainConfig, parse_args
 from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .generation import generate
 from .hf import output_layer
-from .models import Bundle, critic_hidden_states, load, make_optimizer, values
+from .models import Bundle, PhaseMemory, critic_hidden_states, load, make_optimizer, values
 from .ref import masked_mean
 from .rewards import make_reward, scores_tensor
 from .tasks import load_prompts, make_task, solve
@@ -106,6 +106,7 @@ class Run:
     reference_state: Optional[dict] = None   # the reference's weights when the warm-start changed them
     step: int = 0
     eval_before: Optional[float] = None
+    memory: Optional[PhaseMemory] = None     # peak memory per phase of the current step
 
     @property
     def device(self):
@@ -146,19 +147,6 @@ def _schedule(cfg: TrainConfig, total: int):
     return factor
 
 
-@torch.no_grad()
-def init_value_head_from_reward_model(bundle: Bundle, reward_model, label: int):
-    """PPO-max's critic starts as the reward model: its trunk is the critic (loaded by `models.load`),
-    and the value head takes the reward model's score row `label` (the head is linear on the
-    last hidden state in Hugging Face sequence classifiers: `score` or `classifier`)."""
-    head = getattr(reward_model.model, "score", None) or getattr(reward_model.model, "classifier", None)
-    if not isinstance(head, torch.nn.Linear) or head.in_features != bundle.value_head.in_features:
-        return  # a non-linear or differently sized head: the value head keeps its zero init
-    bundle.value_head.weight.copy_(head.weight[label:label + 1].float())
-    if head.bias is not None:
-        bundle.value_head.bias.copy_(head.bias[label:label + 1].float())
-
-
 def setup(cfg: TrainConfig) -> Run:
     device = resolve_device(cfg.device)
     threads = cfg.num_threads or (1 if cfg.model.model_name_or_path is None else None)
@@ -170,8 +158,6 @@ def setup(cfg: TrainConfig) -> Run:
     task = make_task(cfg.task, digits=cfg.digits, operators=cfg.operators, prompts_file=cfg.prompts)
     reward_fn = make_reward(cfg.reward, reward_model=cfg.reward_model, reward_label=cfg.reward_label,
                             partial_credit=cfg.partial_credit, device=device, tokenizer=tok)
-    if cfg.reward_model and bundle.config.critic_model_name_or_path == cfg.reward_model:
-        init_value_head_from_reward_model(bundle, reward_fn, cfg.reward_label)
     policy_params = [p for p in bundle.policy.parameters() if p.requires_grad]
     critic_params = list(bundle.value_head.parameters()) if bundle.value_head is not None else []
     if bundle.critic is not None:
@@ -186,7 +172,7 @@ def setup(cfg: TrainConfig) -> Run:
                                                           cfg.kl_horizon),
               data_rng=random.Random(cfg.seed), sample_gen=torch.Generator(device).manual_seed(cfg.seed + 1),
               shuffle_gen=torch.Generator().manual_seed(cfg.seed + 2),
-              ptx_texts=load_prompts(cfg.ptx_file) if cfg.ptx_file else None)
+              ptx_texts=load_prompts(cfg.ptx_file) if cfg.ptx_file else None, memory=PhaseMemory(device))
     return run
 
 
@@ -249,11 +235,13 @@ def scoring_passes(run: Run, seq, attn, P: int, labels):
 @torch.no_grad()
 def rollout(run: Run, prompts) -> dict:
     cfg = run.cfg
-    seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
+    with run.memory("generation"):
+        seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
     labels = seq[:, P:]
-    raw = scores_tensor(run.reward_fn(prompts, texts), len(prompts), run.device)
-    scores = scale_scores(raw, run.moments, mode=cfg.score_scaling, clip=cfg.score_clip)
-    old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
+    with run.memory("scoring"):
+        raw = scores_tensor(run.reward_fn(prompts, texts), len(prompts), run.device)
+        scores = scale_scores(raw, run.moments, mode=cfg.score_scaling, clip=cfg.score_clip)
+        old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
     beta = run.kl_ctl.value if cfg.kl_in == "reward" else 0.0
     rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_coef=beta, estimator=cfg.kl_estimator)
     adv, returns = advantages_and_returns(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
@@ -474,7 +462,8 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         prompts = run.task.sample(batch, run.data_rng)                     # 1. prompts
         roll = rollout(run, prompts)                                       # 2-6. generate … advantages
-        stats = update(run, roll)                                          # 7. policy + value updates
+        with run.memory("update"):
+            stats = update(run, roll)                                      # 7. policy + value updates
         kl = roll["kl_seq"].mean().item()
         run.kl_ctl.update(kl, batch)                                       # 8. adaptive KL
         run.step = step
@@ -485,7 +474,8 @@ def train(cfg: TrainConfig) -> dict:
                   "entropy": roll["entropy"].item(), "logprob_gap": roll["logprob_gap"].item(), **stats,
                   "response_len": roll["response_len"].mean().item(),
                   "tokens_per_s": roll["response_len"].sum().item() / dt, "step_time_s": dt,
-                  "lr": run.scheduler.get_last_lr()[0], "peak_mem_mib": metrics.peak_mem_mib(run.device)}
+                  "lr": run.scheduler.get_last_lr()[0], "peak_mem_mib": max(run.memory.peaks.values()) or metrics.peak_mem_mib(run.device),
+                  **run.memory.metrics()}
         log.log(record)                                                    # 9. metrics
         if step % cfg.logging_steps == 0:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{kl:.3f}",
@@ -496,7 +486,7 @@ def train(cfg: TrainConfig) -> dict:
     log.close()
     metrics.plot(log.records, out_dir / "curves.png")
     summary = metrics.summary(log.records, wall_s=time.perf_counter() - t_start,
-                              peak_mib=metrics.peak_mem_mib(run.device))
+                              peak_mib=max([r["peak_mem_mib"] for r in log.records] or [metrics.peak_mem_mib(run.device)]))
     summary["eval_before"] = run.eval_before
     summary["eval_after"] = evaluate(run, cfg.eval_samples, seed=cfg.seed) if cfg.eval_samples else None
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
