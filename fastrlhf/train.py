@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint, hf, metrics, ops
 from .algos import AdaptiveKL, RunningMoments, advantages_and_returns, scale_scores, token_rewards
@@ -33,7 +34,8 @@ from .config import TrainConfig, parse_args
 from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .generation import generate
 from .hf import output_layer
-from .models import Bundle, PhaseMemory, critic_hidden_states, load, make_optimizer, values
+from .models import (Bundle, PhaseMemory, critic_hidden_states, load, make_optimizer, out_of_memory_message,
+                     plan_memory, values)
 from .ref import masked_mean
 from .rewards import make_reward, scores_tensor
 from .tasks import load_prompts, make_task, solve
@@ -54,17 +56,18 @@ def hidden_states(model, input_ids, attn) -> torch.Tensor:
     return hf.hidden_states(model, input_ids, attn, position_ids=_positions(attn))
 
 
-def token_logprobs(hidden, weight, bias, labels, temperature):
+def token_logprobs(hidden, weight, bias, labels, temperature, chunk_size=None):
     """hidden [B, n, H], labels [B, n] -> (log-prob [B, n], entropy [B, n]) float32, without [B, n, V]."""
-    return fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True)
+    return fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+                                 chunk_size=chunk_size)
 
 
 def policy_forward(hidden, weight, bias, labels, mask, advantages, old_logprobs, ref_logprobs,
-                   loss_cfg: ops.LossConfig):
+                   loss_cfg: ops.LossConfig, chunk_size=None):
     """The policy loss of one micro-batch from hidden states [B, n, H] -> (loss, out dict), on the
     fused linear path (the [B, n, V] logits are never materialized)."""
     return fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs,
-                                    bias=bias, **dataclasses.asdict(loss_cfg))
+                                    bias=bias, chunk_size=chunk_size, **dataclasses.asdict(loss_cfg))
 
 
 def nll(model, input_ids, attn, start: int, target_mask) -> torch.Tensor:
@@ -107,10 +110,24 @@ class Run:
     step: int = 0
     eval_before: Optional[float] = None
     memory: Optional[PhaseMemory] = None     # peak memory per phase of the current step
+    micro_batch: int = 1                     # sequences per forward/backward (update, scoring)
+    generation_batch: int = 1                # sequences generated at once
+    loss_chunk: Optional[int] = None         # tokens per chunk of the fused linear loss (None: auto)
 
     @property
     def device(self):
         return self.bundle.device
+
+    @property
+    def rollout_batch(self) -> int:
+        c = self.cfg
+        return c.per_device_batch_size * c.gradient_accumulation_steps * c.num_mini_batches
+
+    def numbers(self) -> dict:
+        """The settings an out-of-memory message reports."""
+        return {"rollout_batch": self.rollout_batch, "micro_batch": self.micro_batch,
+                "generation_batch": self.generation_batch, "loss_chunk": self.loss_chunk,
+                "max_prompt_length": self.cfg.max_prompt_length, "max_new_tokens": self.cfg.max_new_tokens}
 
     def generators(self):
         return {"data": self.data_rng, "sample": self.sample_gen, "shuffle": self.shuffle_gen}
@@ -173,7 +190,29 @@ def setup(cfg: TrainConfig) -> Run:
               data_rng=random.Random(cfg.seed), sample_gen=torch.Generator(device).manual_seed(cfg.seed + 1),
               shuffle_gen=torch.Generator().manual_seed(cfg.seed + 2),
               ptx_texts=load_prompts(cfg.ptx_file) if cfg.ptx_file else None, memory=PhaseMemory(device))
+    run.micro_batch, run.generation_batch = cfg.per_device_batch_size, run.rollout_batch
+    if cfg.model.max_memory_gb is not None and device.type == "cuda":
+        # under a memory cap, the planner picks the micro-batch, generation batch and loss chunk
+        hf_config = getattr(bundle.policy, "get_base_model", lambda: bundle.policy)().config  # peft or not
+        plan = plan_memory(hf_config, batch_size=run.rollout_batch, prompt_len=cfg.max_prompt_length,
+                           new_tokens=cfg.max_new_tokens, dtype=bundle.dtype, device=device,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           lora_dropout=cfg.model.use_peft and cfg.model.lora_dropout > 0)
+        run.micro_batch = min(plan.micro_batch, cfg.per_device_batch_size)
+        run.generation_batch, run.loss_chunk = plan.generation_batch, plan.loss_chunk_size
+        print(plan.message, file=sys.stderr)
     return run
+
+
+@contextlib.contextmanager
+def phase(run: Run, name: str):
+    """Track the peak memory of a phase; an out-of-memory error in it becomes a clear message
+    (the numbers and what to lower) instead of a CUDA traceback."""
+    try:
+        with run.memory(name):
+            yield
+    except torch.OutOfMemoryError as exc:
+        raise SystemExit("fastrlhf train: " + out_of_memory_message(exc, name, run.numbers())) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,36 +237,42 @@ def sample(run: Run, prompts, *, temperature=None, generator=None):
     cfg, tok = run.cfg, run.bundle.tokenizer
     ids, attn = encode_prompts(tok, prompts, cfg.max_prompt_length, run.device)
     run.bundle.policy.eval()
-    with run.autocast():
-        gen = generate(run.bundle.policy, ids, attn, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature if temperature is None else temperature,
-                       top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, generator=run.sample_gen if generator is None else generator)
-    P = ids.shape[1]
-    rmask = gen.response_mask
+    P, gens = ids.shape[1], []
+    for s in range(0, len(prompts), run.generation_batch):   # all at once unless a memory plan says otherwise
+        with run.autocast():
+            gens.append(generate(run.bundle.policy, ids[s:s + run.generation_batch], attn[s:s + run.generation_batch],
+                                 max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature if temperature is None else temperature,
+                                 top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id,
+                                 generator=run.sample_gen if generator is None else generator))
+    n = max(g.response_mask.shape[1] for g in gens)           # right-pad every chunk to the longest response
+    seq = torch.cat([F.pad(g.sequences, (0, n - g.response_mask.shape[1]), value=tok.pad_token_id) for g in gens])
+    rmask = torch.cat([F.pad(g.response_mask, (0, n - g.response_mask.shape[1])) for g in gens])
+    sample_lp = torch.cat([F.pad(g.logprobs, (0, n - g.response_mask.shape[1])) for g in gens])
     full_attn = torch.cat([attn, rmask], dim=1)
-    resp = gen.sequences[:, P:].masked_fill(rmask == 0, tok.pad_token_id)
+    resp = seq[:, P:].masked_fill(rmask == 0, tok.pad_token_id)
     texts = tok.batch_decode(resp.tolist(), skip_special_tokens=True)
-    return gen.sequences, full_attn, P, rmask, texts, gen.logprobs
+    return seq, full_attn, P, rmask, texts, sample_lp
 
 
 @torch.no_grad()
 def scoring_passes(run: Run, seq, attn, P: int, labels):
-    """No-grad passes over the rollout, per_device_batch_size rows at a time -> old log-probs,
+    """No-grad passes over the rollout, `run.micro_batch` rows at a time -> old log-probs,
     entropy, values (policy / critic) and reference log-probs, each [B, n] float32."""
-    bundle, n, mb = run.bundle, labels.shape[1], run.cfg.per_device_batch_size
+    bundle, n, mb = run.bundle, labels.shape[1], run.micro_batch
     weight, bias = output_layer(bundle.policy)
     parts = []
     for s in range(0, seq.shape[0], mb):
         ids, am, lab = seq[s:s + mb], attn[s:s + mb], labels[s:s + mb]
         with run.autocast():
             h = hidden_states(bundle.policy, ids, am)[:, P - 1:P - 1 + n]
-            lp, ent = token_logprobs(h, weight, bias, lab, run.cfg.temperature)
+            lp, ent = token_logprobs(h, weight, bias, lab, run.cfg.temperature, run.loss_chunk)
             v = value_forward(bundle, ids, am, h, P, n).float()
             with bundle.reference() as ref_model:
                 ref_w, ref_b = output_layer(ref_model)
                 ref_lp, _ = token_logprobs(hidden_states(ref_model, ids, am)[:, P - 1:P - 1 + n], ref_w, ref_b,
-                                           lab, run.cfg.temperature)
+                                           lab, run.cfg.temperature, run.loss_chunk)
         parts.append((lp, ent, v, ref_lp))
     return tuple(torch.cat(t) for t in zip(*parts))
 
@@ -235,10 +280,10 @@ def scoring_passes(run: Run, seq, attn, P: int, labels):
 @torch.no_grad()
 def rollout(run: Run, prompts) -> dict:
     cfg = run.cfg
-    with run.memory("generation"):
+    with phase(run, "generation"):
         seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
     labels = seq[:, P:]
-    with run.memory("scoring"):
+    with phase(run, "scoring"):
         raw = scores_tensor(run.reward_fn(prompts, texts), len(prompts), run.device)
         scores = scale_scores(raw, run.moments, mode=cfg.score_scaling, clip=cfg.score_clip)
         old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
@@ -294,7 +339,7 @@ def micro_batch_loss(run: Run, roll: dict, idx: torch.Tensor, loss_cfg):
     weight, bias = output_layer(bundle.policy)
     with run.autocast():
         h = hidden_states(bundle.policy, seq, attn)[:, P - 1:P - 1 + n]
-        pg_loss, out = policy_forward(h, weight, bias, labels, mask, adv, old_lp, ref_lp, loss_cfg)
+        pg_loss, out = policy_forward(h, weight, bias, labels, mask, adv, old_lp, ref_lp, loss_cfg, run.loss_chunk)
         v = value_forward(bundle, seq, attn, h, P, n)
         v_loss, v_stats = ops.value_loss(v.float(), old_v, returns, mask.float(), clip=cfg.cliprange_value)
         loss = pg_loss + cfg.vf_coef * v_loss
@@ -307,16 +352,16 @@ def micro_batch_loss(run: Run, roll: dict, idx: torch.Tensor, loss_cfg):
 def update(run: Run, roll: dict) -> dict:
     cfg = run.cfg
     B = roll["input_ids"].shape[0]
-    mb, accum = cfg.per_device_batch_size, cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps   # sequences per optimizer step
     loss_cfg = loss_config(run)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     stats, grad_norms = [], []
     run.bundle.policy.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=run.shuffle_gen).to(run.device)
-        for mini in order.split(mb * accum):
+        for mini in order.split(per_step):
             run.optimizer.zero_grad(set_to_none=True)
-            micros = mini.split(mb)
+            micros = mini.split(run.micro_batch)
             for idx in micros:
                 loss, s = micro_batch_loss(run, roll, idx, loss_cfg)
                 (loss / len(micros)).backward()
@@ -455,14 +500,14 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.eval_samples:
             run.eval_before = evaluate(run, cfg.eval_samples, seed=cfg.seed)
     log = metrics.MetricsLogger(out_dir, report_to=cfg.report_to, start_step=run.step)
-    batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+    batch = run.rollout_batch
     bar = tqdm(range(run.step + 1, cfg.max_steps + 1), initial=run.step, total=cfg.max_steps, desc=cfg.algo,
                dynamic_ncols=True, disable=None)
     for step in bar:
         t0 = time.perf_counter()
         prompts = run.task.sample(batch, run.data_rng)                     # 1. prompts
         roll = rollout(run, prompts)                                       # 2-6. generate … advantages
-        with run.memory("update"):
+        with phase(run, "update"):
             stats = update(run, roll)                                      # 7. policy + value updates
         kl = roll["kl_seq"].mean().item()
         run.kl_ctl.update(kl, batch)                                       # 8. adaptive KL

@@ -180,3 +180,29 @@ def test_update_loss_ignores_padding_columns(tmp_path):
     loss_b, stats_b = train.micro_batch_loss(run, padded, idx, cfg)
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
+
+
+def test_generation_in_chunks_pads_to_the_longest_response(tmp_path):
+    """What a memory plan does on a GPU (generation in chunks, smaller micro-batches), forced on the CPU."""
+    from fastrlhf.config import parse_args
+    run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "6")))
+    run.generation_batch, run.micro_batch = 3, 2
+    seq, attn, P, mask, texts, lp = train.sample(run, run.task.sample(8, run.data_rng))
+    assert seq.shape == (8, P + mask.shape[1]) and attn.shape == seq.shape and lp.shape == mask.shape
+    pad = run.bundle.tokenizer.pad_token_id
+    assert (seq[:, P:][mask == 0] == pad).all() and (lp[mask == 0] == 0).all()
+    assert torch.equal(mask.sum(1) > 0, torch.ones(8, dtype=torch.bool))
+    assert (mask[:, :-1] >= mask[:, 1:]).all()                    # right padded
+    roll = train.rollout(run, run.task.sample(8, run.data_rng))
+    stats = train.update(run, roll)
+    assert math.isfinite(stats["loss"])
+
+
+def test_out_of_memory_becomes_a_clear_message(tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "micro_batch_loss", oom)
+    with pytest.raises(SystemExit) as e:
+        train.main(small(tmp_path))
+    msg = str(e.value)
+    assert "out of memory during update" in msg and "micro_batch=4" in msg and "lower" in msg
