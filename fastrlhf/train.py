@@ -279,6 +279,8 @@ def scoring_passes(run: Run, seq, attn, P: int, labels):
 
 @torch.no_grad()
 def rollout(run: Run, prompts) -> dict:
+    """Steps 2-6 of an iteration: generate, score, no-grad passes, KL-shaped rewards, GAE + whitening.
+    Returns the rollout's [B, n] tensors (and [B] scores) keyed by name."""
     cfg = run.cfg
     with phase(run, "generation"):
         seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
