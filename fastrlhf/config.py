@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .models import ModelConfig
+from .models import OPTIMIZERS, ModelConfig
 from .models import validate as validate_model
 from .ref import KL_ESTIMATORS
 
@@ -92,7 +93,7 @@ class TrainConfig:
     num_threads: Optional[int] = _f(None, "CPU threads for torch (None: 1 for the built-in tiny model, whose "
                                           "matmuls are too small to gain from threads, else torch's default)")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
-    max_steps: int = _f(60, "RL steps (one rollout batch each)")
+    max_steps: int = _f(150, "RL steps (one rollout batch each)")
     save_steps: int = _f(0, "checkpoint every N steps (0: only at the end)")
     save_total_limit: Optional[int] = _f(2, "keep this many newest checkpoints (None: all)")
     resume: Optional[str] = _f(None, "'latest' (checkpoint in --output_dir) or a checkpoint directory; "
@@ -100,7 +101,7 @@ class TrainConfig:
     report_to: str = _f("none", "none | tensorboard", ("none", "tensorboard"))
     logging_steps: int = _f(1, "progress-bar refresh period (metrics.jsonl gets every step)")
     # --- rollout ---
-    per_device_batch_size: int = _f(16, "micro-batch size (sequences per forward/backward)")
+    per_device_batch_size: int = _f(32, "micro-batch size (sequences per forward/backward)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     num_mini_batches: Optional[int] = _f(None, "optimizer steps per epoch; rollout batch = "
                                                "per_device_batch_size x gradient_accumulation_steps x this",
@@ -114,6 +115,8 @@ class TrainConfig:
     # --- optimization ---
     learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
     critic_learning_rate: Optional[float] = _f(None, "value head / critic learning rate (None: --learning_rate)")
+    optim: str = _f("adamw_torch", "adamw_torch | adamw_8bit (bitsandbytes 8-bit states) | paged_adamw_8bit",
+                    OPTIMIZERS)
     weight_decay: float = _f(0.0, "AdamW weight decay")
     lr_scheduler_type: str = _f("constant", "constant | linear | cosine (after warmup)",
                                 ("constant", "linear", "cosine"))
@@ -156,11 +159,13 @@ class TrainConfig:
     eval_samples: int = _f(256, "held-out prompts scored by `fastrlhf eval` and the final summary")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"flag": False})
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with the preset applied to every field left None, the task/reward defaults filled."""
+    def resolved(self, explicit=()) -> "TrainConfig":
+        """A copy with the preset applied to every field left None and not named in `explicit` (the
+        options the user gave, so `--score_clip none` can switch a preset's clip off), and the
+        task/reward defaults filled."""
         cfg = dataclasses.replace(self)
         for k, v in PRESETS[cfg.algo].items():
-            if getattr(cfg, k) is None:
+            if getattr(cfg, k) is None and k not in explicit:
                 setattr(cfg, k, v)
         if cfg.cliprange_high is None:
             cfg.cliprange_high = cfg.cliprange
@@ -221,7 +226,7 @@ def _parser_type(name, base, optional):
 
 
 def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                 description="PPO / PPO-max / APA on a Hugging Face causal LM. No flags: "
                                             "the built-in tiny Llama on single-digit addition.")
     p.add_argument("--config", default=None, help="YAML file of flag values (flags given here override it)")
@@ -263,6 +268,11 @@ def _split(values: dict, source: str) -> tuple:
 def _check_types(values: dict, source: str):
     hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(ModelConfig)}
     for k, v in values.items():
+        args = typing.get_args(hints[k])
+        if typing.get_origin(hints[k]) is typing.Union and type(None) not in args:
+            if not isinstance(v, tuple(typing.get_origin(a) or a for a in args)):
+                raise ValueError(f"{source}: {k}: expected one of {[a.__name__ for a in args]}, got {v!r}")
+            continue
         base, optional = _base_type(hints[k])
         if v is None and optional:
             continue
@@ -293,10 +303,11 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
     yaml_path = ns.pop("config", None)
     values = load_yaml(yaml_path) if yaml_path else {}
     if values:
+        _split(values, f"config {yaml_path}")
         _check_types(values, f"config {yaml_path}")
     values.update(ns)
     train_kw, model_kw = _split(values, "options")
-    cfg = TrainConfig(model=ModelConfig(**model_kw), **train_kw).resolved()
+    cfg = TrainConfig(model=ModelConfig(**model_kw), **train_kw).resolved(explicit=set(values))
     validate(cfg)
     return cfg
 
@@ -308,10 +319,17 @@ def _choice(name, value, allowed):
 
 def validate(cfg: TrainConfig):
     """Every check that needs no model: values, ranges, and combinations."""
+    for name in ("num_mini_batches", "vf_coef", "gamma", "lam", "whiten_advantages", "score_scaling", "cliprange",
+                 "adv_coeff", "kl_coef", "kl_estimator", "kl_in"):
+        if getattr(cfg, name) is None:
+            raise ValueError(f"{name}: expected a value (it has no 'off' setting), got None")
     _choice("algo", cfg.algo, ALGOS)
     _choice("task", cfg.task, TASKS)
     _choice("device", cfg.device, ("auto", "cpu", "cuda"))
     _choice("report_to", cfg.report_to, ("none", "tensorboard"))
+    _choice("optim", cfg.optim, OPTIMIZERS)
+    if cfg.optim != "adamw_torch" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"optim: {cfg.optim!r} needs the bitsandbytes package (pip install 'fastrlhf[quant]')")
     _choice("lr_scheduler_type", cfg.lr_scheduler_type, ("constant", "linear", "cosine"))
     _choice("score_scaling", cfg.score_scaling, ("none", "std", "mean_std"))
     _choice("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)
@@ -356,6 +374,12 @@ def validate(cfg: TrainConfig):
     if not 0 <= cfg.sft_noise <= 1:
         raise ValueError(f"sft_noise: expected a number in [0, 1], got {cfg.sft_noise!r}")
     # combinations
+    if cfg.prompts and not Path(cfg.prompts).is_file():
+        raise ValueError(f"prompts: expected an existing file, got {cfg.prompts!r}")
+    if cfg.prompts and cfg.task == "arithmetic":
+        raise ValueError("prompts: the arithmetic task generates its prompts; use --task file or sentiment")
+    if cfg.task == "file" and not cfg.prompts:
+        raise ValueError("prompts: --task file needs --prompts FILE")
     if cfg.reward and cfg.reward_model:
         raise ValueError(f"reward, reward_model: give one, got --reward {cfg.reward!r} and --reward_model "
                          f"{cfg.reward_model!r}")
@@ -369,15 +393,15 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"reward: expected an existing Python file, got {cfg.reward.rsplit(':', 1)[0]!r}")
     if cfg.reward_model and not Path(cfg.reward_model).exists():
         raise ValueError(f"reward_model: expected a local model directory, got {cfg.reward_model!r}")
-    if cfg.prompts and not Path(cfg.prompts).is_file():
-        raise ValueError(f"prompts: expected an existing file, got {cfg.prompts!r}")
-    if cfg.prompts and cfg.task == "arithmetic":
-        raise ValueError("prompts: the arithmetic task generates its prompts; use --task file or sentiment")
-    if cfg.task == "file" and not cfg.prompts:
-        raise ValueError("prompts: --task file needs --prompts FILE")
     if cfg.task == "arithmetic":
         from .tasks import ArithmeticTask
         ArithmeticTask(digits=cfg.digits, operators=cfg.operators)
+    if cfg.resume:
+        from .checkpoint import latest
+        if cfg.resume == "latest" and latest(cfg.output_dir) is None:
+            raise ValueError(f"resume: no checkpoint in --output_dir {cfg.output_dir!r} to resume from")
+        if cfg.resume != "latest" and not (Path(cfg.resume) / "state.pt").is_file():
+            raise ValueError(f"resume: expected a checkpoint directory (with state.pt), got {cfg.resume!r}")
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ValueError(f"ptx_coef: {cfg.ptx_coef} needs --ptx_file, got none")
     if cfg.ptx_file and not Path(cfg.ptx_file).is_file():

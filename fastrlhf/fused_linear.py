@@ -121,19 +121,84 @@ class _Grads:
 
 
 # ----------------------------------------------------------------------------
+# The torch row core: the math of ref.logprobs_and_entropy / ref.policy_rows in reused buffers
+# ----------------------------------------------------------------------------
+# On the torch backend the fused path runs this in-place version of the reference row core: two
+# float32 [rows, V] buffers reused by every chunk (the reference allocates ~6 fresh ones per chunk;
+# on the CPU every fresh buffer costs page faults, which made the fused path 2.5× slower than
+# materialized logits at the issue's CPU target shape). Logits are finite here (they come out of a
+# GEMM), so the reference's −inf handling is not needed.
+
+class _TorchRows:
+    def __init__(self, rows, vocab, device):
+        self.z = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        self.p = torch.empty_like(self.z)
+
+    def softmax(self, h, weight, bias, temperature):
+        """h [n, H] -> (z = x/τ − max_v, p = softmax(x/τ), log Σ_v e^{z_v}), views of the buffers."""
+        n = h.shape[0]
+        z, p = self.z[:n], self.p[:n]
+        if h.dtype == torch.float32:
+            torch.mm(h, weight.t(), out=z) if bias is None else torch.addmm(bias, h, weight.t(), out=z)
+        else:
+            z.copy_(_logits(h, weight, bias))
+        if temperature != 1.0:
+            z.div_(temperature)
+        z.sub_(z.amax(-1, keepdim=True))
+        torch.exp(z, out=p)
+        s = p.sum(-1)
+        p.div_(s[:, None])
+        return z, p, torch.log(s)
+
+    def stats(self, h, weight, bias, labels, temperature, ignore_index):
+        """-> (ℓ [n], H [n], state for `grad`); ℓ = 0 where the label is ignore_index / out of range."""
+        z, p, lse = self.softmax(h, weight, bias, temperature)
+        pz = torch.bmm(p[:, None, :], z[:, :, None]).view(-1)              # Σ_v p_v z_v, no temporary
+        valid = (labels >= 0) & (labels < z.shape[1]) & (labels != ignore_index)
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        lp = torch.where(valid, z.gather(-1, safe[:, None]).squeeze(-1) - lse, torch.zeros_like(lse))
+        return lp, lse - pz, (z, p, pz, valid, safe)
+
+    @staticmethod
+    def grad(state, g_lp, g_ent, temperature):
+        """dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ p z)) / τ, float32 [n, V], written over z."""
+        z, p, pz, valid, safe = state
+        dz = z.sub_(pz[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]).mul_(p).neg_()
+        dz.scatter_add_(-1, safe[:, None], torch.where(valid, g_lp, torch.zeros_like(g_lp))[:, None])
+        return dz.div_(temperature) if temperature != 1.0 else dz
+
+
+def _token_grads(lp, ent, wts, adv, old, ref_lp, cfg):
+    """The per-token part of ref.policy_rows, [n] float32: (Σ w·loss, KL, ∂Σw·loss/∂ℓ, ∂/∂H)."""
+    with torch.enable_grad():
+        lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
+        per_token, kl, _ = ref.token_loss(lp_, ent_, old, ref_lp, adv, wts > 0, cfg)
+        total = (wts * per_token).sum()
+        g_lp, g_ent = torch.autograd.grad(total, (lp_, ent_), allow_unused=True)
+    zeros = torch.zeros_like(lp)
+    return (total.detach(), kl.detach(), zeros if g_lp is None else g_lp,
+            zeros if g_ent is None else g_ent)
+
+
+# ----------------------------------------------------------------------------
 # Log-probs (and entropy) of the labels: forward one GEMM pass, backward recomputes chunk logits
 # ----------------------------------------------------------------------------
 
 def _logprobs_pass(hidden2d, weight, bias, labels, temperature, ignore_index, rows):
     n = hidden2d.shape[0]
     fn = ops.impl("logprobs_and_entropy", hidden2d.device)
+    torch_rows = _TorchRows(rows, weight.shape[0], hidden2d.device) if fn is ref.logprobs_and_entropy else None
     lp = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
     ent = torch.empty_like(lp)
     with torch.no_grad():
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            lp[s:e], ent[s:e] = fn(_logits(hidden2d[s:e], weight, bias), labels[s:e],
-                                   temperature=temperature, ignore_index=ignore_index)
+            if torch_rows is not None:
+                lp[s:e], ent[s:e], _ = torch_rows.stats(hidden2d[s:e], weight, bias, labels[s:e], temperature,
+                                                        ignore_index)
+            else:
+                lp[s:e], ent[s:e] = fn(_logits(hidden2d[s:e], weight, bias), labels[s:e],
+                                       temperature=temperature, ignore_index=ignore_index)
     return lp, ent
 
 
@@ -156,15 +221,19 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         g_ent = zeros if g_ent is None else g_ent.float()
         grads = _Grads(hidden2d, weight, bias, ctx.needs_input_grad[:3], accum_fp32)
         fn = ops.impl("logprobs_and_entropy", hidden2d.device)
+        torch_rows = _TorchRows(rows, weight.shape[0], hidden2d.device) if fn is ref.logprobs_and_entropy else None
         for s in range(0, n, rows):
             e = min(n, s + rows)
             h = hidden2d[s:e]
-            with torch.enable_grad():
-                x = _logits(h.detach(), weight.detach(), None if bias is None else bias.detach())
-                x.requires_grad_()
-                lp, ent = fn(x, labels[s:e], temperature=temperature, ignore_index=ignore_index)
-                (dz,) = torch.autograd.grad((lp, ent), (x,), (g_lp[s:e], g_ent[s:e]))
-            grads.add(s, e, dz.to(x.dtype), h, weight)
+            if torch_rows is not None:
+                _, _, state = torch_rows.stats(h, weight, bias, labels[s:e], temperature, ignore_index)
+                dz = torch_rows.grad(state, g_lp[s:e], g_ent[s:e], temperature)
+            else:  # the dispatched op's own backward
+                with torch.enable_grad():
+                    x = _logits(h, weight, bias).requires_grad_()
+                    lp, ent = fn(x, labels[s:e], temperature=temperature, ignore_index=ignore_index)
+                    (dz,) = torch.autograd.grad((lp, ent), (x,), (g_lp[s:e], g_ent[s:e]))
+            grads.add(s, e, dz.to(h.dtype), h, weight)
         return (grads.h, None if grads.w is None else grads.w.to(weight.dtype),
                 None if grads.b is None else grads.b.to(bias.dtype), None, None, None, None, None)
 
@@ -205,10 +274,11 @@ def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
     Returns (H_batch scalar, g [T, V] fp32) with g_v = −(log p̄_{t,v} + 1)/n_pos (DESIGN §3)."""
     n, vocab = hidden2d.shape[0], weight.shape[0]
     pbar = torch.zeros(T, vocab, dtype=torch.float32, device=hidden2d.device)
+    torch_rows = _TorchRows(rows, vocab, hidden2d.device)
     with torch.no_grad():
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            p = torch.softmax(_logits(hidden2d[s:e], weight, bias).float() / temperature, dim=-1)
+            _, p, _ = torch_rows.softmax(hidden2d[s:e], weight, bias, temperature)
             pbar.index_add_(0, pos[s:e], p.mul_(wpos[s:e, None]))
     n_pos = (torch.zeros(T, device=wpos.device).index_add_(0, pos, wpos) > 0).sum().float().clamp_min(1.0)
     logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
@@ -217,11 +287,11 @@ def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
     return h_batch, g
 
 
-def _batch_entropy_dz(x, g_rows, w_rows, temperature):
-    """∂H_batch/∂x for one chunk: w·p·(g − Σ_u p_u g_u)/τ, x [n, V], g_rows [n, V], w_rows [n]."""
-    p = torch.softmax(x.float() / temperature, dim=-1)
-    pg = (p * g_rows).sum(-1, keepdim=True)
-    return p.mul_(g_rows - pg).mul_(w_rows[:, None] / temperature)
+def _batch_entropy_dz(p, g_rows, w_rows, temperature):
+    """∂H_batch/∂x for one chunk: w·p·(g − Σ_u p_u g_u)/τ with p = softmax(x/τ) [n, V] float32,
+    g_rows [n, V] (a fresh gather, overwritten), w_rows [n]."""
+    pg = torch.bmm(p[:, None, :], g_rows[:, :, None]).view(-1, 1)
+    return g_rows.sub_(pg).mul_(p).mul_(w_rows[:, None] / temperature)
 
 
 def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, rows, bent, grads):
@@ -229,6 +299,7 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
     bent = (g [T, V], wpos [N], pos [N]) when batch entropy is on."""
     n = hidden2d.shape[0]
     row_core = ops.impl("policy_rows", hidden2d.device)
+    torch_rows = _TorchRows(rows, weight.shape[0], hidden2d.device) if row_core is ref.policy_rows else None
     lp = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
     ent, kl = torch.empty_like(lp), torch.empty_like(lp)
     total = torch.zeros((), dtype=torch.float32, device=hidden2d.device)
@@ -236,17 +307,25 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
         for s in range(0, n, rows):
             e = min(n, s + rows)
             h = hidden2d[s:e]
-            x = _logits(h, weight, bias)
-            lp[s:e], ent[s:e], kl[s:e], t, dz = row_core(x, labels[s:e], wts[s:e], adv[s:e], old[s:e],
-                                                          ref_lp[s:e], cfg)
+            if torch_rows is not None:
+                lp[s:e], ent[s:e], state = torch_rows.stats(h, weight, bias, labels[s:e], cfg.temperature, -100)
+                t, kl[s:e], g_lp, g_ent = _token_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e], old[s:e],
+                                                       ref_lp[s:e], cfg)
+                dz = None if grads is None else torch_rows.grad(state, g_lp, g_ent, cfg.temperature)
+                p = state[1]
+            else:
+                x = _logits(h, weight, bias)
+                lp[s:e], ent[s:e], kl[s:e], t, dz = row_core(x, labels[s:e], wts[s:e], adv[s:e], old[s:e],
+                                                              ref_lp[s:e], cfg)
+                p = torch.softmax(x.float() / cfg.temperature, dim=-1) if bent is not None else None
             total += t
             if grads is None:
                 continue
             if bent is not None:
                 g, wpos, pos = bent
-                dz = dz.float() - cfg.batch_entropy_coef * _batch_entropy_dz(x, g[pos[s:e]], wpos[s:e],
-                                                                             cfg.temperature)
-            grads.add(s, e, dz.to(x.dtype), h, weight)
+                dz = dz.float()
+                dz.sub_(_batch_entropy_dz(p, g[pos[s:e]], wpos[s:e], cfg.temperature), alpha=cfg.batch_entropy_coef)
+            grads.add(s, e, dz.to(h.dtype), h, weight)
     return total, lp, ent, kl
 
 

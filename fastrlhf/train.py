@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint, hf, metrics, ops
 from .algos import AdaptiveKL, RunningMoments, advantages_and_returns, scale_scores, token_rewards
@@ -33,7 +34,8 @@ from .config import TrainConfig, parse_args
 from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .generation import generate
 from .hf import output_layer
-from .models import Bundle, critic_hidden_states, load, values
+from .models import (Bundle, PhaseMemory, critic_hidden_states, load, make_optimizer, out_of_memory_message,
+                     plan_memory, values)
 from .ref import masked_mean
 from .rewards import make_reward, scores_tensor
 from .tasks import load_prompts, make_task, solve
@@ -54,17 +56,18 @@ def hidden_states(model, input_ids, attn) -> torch.Tensor:
     return hf.hidden_states(model, input_ids, attn, position_ids=_positions(attn))
 
 
-def token_logprobs(hidden, weight, bias, labels, temperature):
+def token_logprobs(hidden, weight, bias, labels, temperature, chunk_size=None):
     """hidden [B, n, H], labels [B, n] -> (log-prob [B, n], entropy [B, n]) float32, without [B, n, V]."""
-    return fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True)
+    return fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+                                 chunk_size=chunk_size)
 
 
 def policy_forward(hidden, weight, bias, labels, mask, advantages, old_logprobs, ref_logprobs,
-                   loss_cfg: ops.LossConfig):
+                   loss_cfg: ops.LossConfig, chunk_size=None):
     """The policy loss of one micro-batch from hidden states [B, n, H] -> (loss, out dict), on the
     fused linear path (the [B, n, V] logits are never materialized)."""
     return fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs,
-                                    bias=bias, **dataclasses.asdict(loss_cfg))
+                                    bias=bias, chunk_size=chunk_size, **dataclasses.asdict(loss_cfg))
 
 
 def nll(model, input_ids, attn, start: int, target_mask) -> torch.Tensor:
@@ -106,10 +109,25 @@ class Run:
     reference_state: Optional[dict] = None   # the reference's weights when the warm-start changed them
     step: int = 0
     eval_before: Optional[float] = None
+    memory: Optional[PhaseMemory] = None     # peak memory per phase of the current step
+    micro_batch: int = 1                     # sequences per forward/backward (update, scoring)
+    generation_batch: int = 1                # sequences generated at once
+    loss_chunk: Optional[int] = None         # tokens per chunk of the fused linear loss (None: auto)
 
     @property
     def device(self):
         return self.bundle.device
+
+    @property
+    def rollout_batch(self) -> int:
+        c = self.cfg
+        return c.per_device_batch_size * c.gradient_accumulation_steps * c.num_mini_batches
+
+    def numbers(self) -> dict:
+        """The settings an out-of-memory message reports."""
+        return {"rollout_batch": self.rollout_batch, "micro_batch": self.micro_batch,
+                "generation_batch": self.generation_batch, "loss_chunk": self.loss_chunk,
+                "max_prompt_length": self.cfg.max_prompt_length, "max_new_tokens": self.cfg.max_new_tokens}
 
     def generators(self):
         return {"data": self.data_rng, "sample": self.sample_gen, "shuffle": self.shuffle_gen}
@@ -161,10 +179,9 @@ def setup(cfg: TrainConfig) -> Run:
     critic_params = list(bundle.value_head.parameters()) if bundle.value_head is not None else []
     if bundle.critic is not None:
         critic_params += [p for p in bundle.critic.parameters() if p.requires_grad]
-    groups = [{"params": policy_params, "lr": cfg.learning_rate}]
-    if critic_params:
-        groups.append({"params": critic_params, "lr": cfg.critic_learning_rate})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(policy_params, cfg.optim, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if critic_params:  # second group: value head / critic at its own learning rate
+        optimizer.add_param_group({"params": critic_params, "lr": cfg.critic_learning_rate})
     total = cfg.max_steps * cfg.ppo_epochs * cfg.num_mini_batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
     run = Run(cfg=cfg, bundle=bundle, task=task, reward_fn=reward_fn, optimizer=optimizer, scheduler=scheduler,
@@ -172,8 +189,30 @@ def setup(cfg: TrainConfig) -> Run:
                                                           cfg.kl_horizon),
               data_rng=random.Random(cfg.seed), sample_gen=torch.Generator(device).manual_seed(cfg.seed + 1),
               shuffle_gen=torch.Generator().manual_seed(cfg.seed + 2),
-              ptx_texts=load_prompts(cfg.ptx_file) if cfg.ptx_file else None)
+              ptx_texts=load_prompts(cfg.ptx_file) if cfg.ptx_file else None, memory=PhaseMemory(device))
+    run.micro_batch, run.generation_batch = cfg.per_device_batch_size, run.rollout_batch
+    if cfg.model.max_memory_gb is not None and device.type == "cuda":
+        # under a memory cap, the planner picks the micro-batch, generation batch and loss chunk
+        hf_config = getattr(bundle.policy, "get_base_model", lambda: bundle.policy)().config  # peft or not
+        plan = plan_memory(hf_config, batch_size=run.rollout_batch, prompt_len=cfg.max_prompt_length,
+                           new_tokens=cfg.max_new_tokens, dtype=bundle.dtype, device=device,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           lora_dropout=cfg.model.use_peft and cfg.model.lora_dropout > 0)
+        run.micro_batch = min(plan.micro_batch, cfg.per_device_batch_size)
+        run.generation_batch, run.loss_chunk = plan.generation_batch, plan.loss_chunk_size
+        print(plan.message, file=sys.stderr)
     return run
+
+
+@contextlib.contextmanager
+def phase(run: Run, name: str):
+    """Track the peak memory of a phase; an out-of-memory error in it becomes a clear message
+    (the numbers and what to lower) instead of a CUDA traceback."""
+    try:
+        with run.memory(name):
+            yield
+    except torch.OutOfMemoryError as exc:
+        raise SystemExit("fastrlhf train: " + out_of_memory_message(exc, name, run.numbers())) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,40 +232,63 @@ def encode_prompts(tok, prompts, max_len, device):
 
 
 def sample(run: Run, prompts, *, temperature=None, generator=None):
-    """Generate responses -> (input_ids [B, P+n], attn [B, P+n], P, response_mask [B, n], texts)."""
+    """Generate responses -> (input_ids [B, P+n], attn [B, P+n], P, response_mask [B, n], texts,
+    sampling log-probs [B, n])."""
     cfg, tok = run.cfg, run.bundle.tokenizer
     ids, attn = encode_prompts(tok, prompts, cfg.max_prompt_length, run.device)
     run.bundle.policy.eval()
-    with run.autocast():
-        gen = generate(run.bundle.policy, ids, attn, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature if temperature is None else temperature,
-                       top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, generator=run.sample_gen if generator is None else generator)
-    P = ids.shape[1]
-    rmask = gen.response_mask
+    P, gens = ids.shape[1], []
+    for s in range(0, len(prompts), run.generation_batch):   # all at once unless a memory plan says otherwise
+        with run.autocast():
+            gens.append(generate(run.bundle.policy, ids[s:s + run.generation_batch], attn[s:s + run.generation_batch],
+                                 max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature if temperature is None else temperature,
+                                 top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id,
+                                 generator=run.sample_gen if generator is None else generator))
+    n = max(g.response_mask.shape[1] for g in gens)           # right-pad every chunk to the longest response
+    seq = torch.cat([F.pad(g.sequences, (0, n - g.response_mask.shape[1]), value=tok.pad_token_id) for g in gens])
+    rmask = torch.cat([F.pad(g.response_mask, (0, n - g.response_mask.shape[1])) for g in gens])
+    sample_lp = torch.cat([F.pad(g.logprobs, (0, n - g.response_mask.shape[1])) for g in gens])
     full_attn = torch.cat([attn, rmask], dim=1)
-    resp = gen.sequences[:, P:].masked_fill(rmask == 0, tok.pad_token_id)
+    resp = seq[:, P:].masked_fill(rmask == 0, tok.pad_token_id)
     texts = tok.batch_decode(resp.tolist(), skip_special_tokens=True)
-    return gen.sequences, full_attn, P, rmask, texts
+    return seq, full_attn, P, rmask, texts, sample_lp
+
+
+@torch.no_grad()
+def scoring_passes(run: Run, seq, attn, P: int, labels):
+    """No-grad passes over the rollout, `run.micro_batch` rows at a time -> old log-probs,
+    entropy, values (policy / critic) and reference log-probs, each [B, n] float32."""
+    bundle, n, mb = run.bundle, labels.shape[1], run.micro_batch
+    weight, bias = output_layer(bundle.policy)
+    parts = []
+    for s in range(0, seq.shape[0], mb):
+        ids, am, lab = seq[s:s + mb], attn[s:s + mb], labels[s:s + mb]
+        with run.autocast():
+            h = hidden_states(bundle.policy, ids, am)[:, P - 1:P - 1 + n]
+            lp, ent = token_logprobs(h, weight, bias, lab, run.cfg.temperature, run.loss_chunk)
+            v = value_forward(bundle, ids, am, h, P, n).float()
+            with bundle.reference() as ref_model:
+                ref_w, ref_b = output_layer(ref_model)
+                ref_lp, _ = token_logprobs(hidden_states(ref_model, ids, am)[:, P - 1:P - 1 + n], ref_w, ref_b,
+                                           lab, run.cfg.temperature, run.loss_chunk)
+        parts.append((lp, ent, v, ref_lp))
+    return tuple(torch.cat(t) for t in zip(*parts))
 
 
 @torch.no_grad()
 def rollout(run: Run, prompts) -> dict:
-    cfg, bundle = run.cfg, run.bundle
-    seq, attn, P, mask, texts = sample(run, prompts)
-    n = mask.shape[1]
+    """Steps 2-6 of an iteration: generate, score, no-grad passes, KL-shaped rewards, GAE + whitening.
+    Returns the rollout's [B, n] tensors (and [B] scores) keyed by name."""
+    cfg = run.cfg
+    with phase(run, "generation"):
+        seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
     labels = seq[:, P:]
-    raw = scores_tensor(run.reward_fn(prompts, texts), len(prompts), run.device)
-    scores = scale_scores(raw, run.moments, mode=cfg.score_scaling, clip=cfg.score_clip)
-    weight, bias = output_layer(bundle.policy)
-    with run.autocast():
-        h = hidden_states(bundle.policy, seq, attn)[:, P - 1:P - 1 + n]
-        old_lp, entropy = token_logprobs(h, weight, bias, labels, cfg.temperature)
-        old_values = value_forward(bundle, seq, attn, h, P, n).float()
-        with bundle.reference() as ref_model:
-            ref_w, ref_b = output_layer(ref_model)
-            ref_lp, _ = token_logprobs(hidden_states(ref_model, seq, attn)[:, P - 1:P - 1 + n], ref_w, ref_b,
-                                       labels, cfg.temperature)
+    with phase(run, "scoring"):
+        raw = scores_tensor(run.reward_fn(prompts, texts), len(prompts), run.device)
+        scores = scale_scores(raw, run.moments, mode=cfg.score_scaling, clip=cfg.score_clip)
+        old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
     beta = run.kl_ctl.value if cfg.kl_in == "reward" else 0.0
     rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_coef=beta, estimator=cfg.kl_estimator)
     adv, returns = advantages_and_returns(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
@@ -234,7 +296,9 @@ def rollout(run: Run, prompts) -> dict:
     m = mask.float()
     return dict(input_ids=seq, attn=attn, P=P, mask=mask, labels=labels, old_logprobs=old_lp, ref_logprobs=ref_lp,
                 old_values=old_values, advantages=adv, returns=returns, raw_scores=raw, scores=scores, texts=texts,
-                kl_seq=(kl * m).sum(1), entropy=masked_mean(entropy, m), response_len=m.sum(1))
+                kl_seq=(kl * m).sum(1), entropy=masked_mean(entropy, m), response_len=m.sum(1),
+                # the sampler's log-probs vs the recomputed ones: ~0 unless temperature or masks disagree
+                logprob_gap=((old_lp - sample_lp).abs() * m).max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,18 +330,20 @@ def ptx_loss(run: Run, n: int) -> torch.Tensor:
 
 
 def micro_batch_loss(run: Run, roll: dict, idx: torch.Tensor, loss_cfg):
-    cfg, bundle = run.cfg, run.bundle
-    seq, attn, P = roll["input_ids"][idx], roll["attn"][idx], roll["P"]
-    mask, labels = roll["mask"][idx], roll["labels"][idx]
-    n = mask.shape[1]
+    cfg, bundle, P = run.cfg, run.bundle, roll["P"]
+    # Responses are right padded: drop the columns after this micro-batch's longest response (the
+    # forward is causal, so the kept positions are unchanged).
+    n = max(1, int(roll["mask"][idx].sum(1).max()))
+    seq, attn = roll["input_ids"][idx, :P + n], roll["attn"][idx, :P + n]
+    mask, labels, adv, old_lp, ref_lp, old_v, returns = (
+        roll[k][idx, :n] for k in ("mask", "labels", "advantages", "old_logprobs", "ref_logprobs", "old_values",
+                                   "returns"))
     weight, bias = output_layer(bundle.policy)
     with run.autocast():
         h = hidden_states(bundle.policy, seq, attn)[:, P - 1:P - 1 + n]
-        pg_loss, out = policy_forward(h, weight, bias, labels, mask, roll["advantages"][idx],
-                                      roll["old_logprobs"][idx], roll["ref_logprobs"][idx], loss_cfg)
+        pg_loss, out = policy_forward(h, weight, bias, labels, mask, adv, old_lp, ref_lp, loss_cfg, run.loss_chunk)
         v = value_forward(bundle, seq, attn, h, P, n)
-        v_loss, v_stats = ops.value_loss(v.float(), roll["old_values"][idx], roll["returns"][idx], mask.float(),
-                                         clip=cfg.cliprange_value)
+        v_loss, v_stats = ops.value_loss(v.float(), old_v, returns, mask.float(), clip=cfg.cliprange_value)
         loss = pg_loss + cfg.vf_coef * v_loss
         if cfg.ptx_coef > 0:
             loss = loss + cfg.ptx_coef * ptx_loss(run, len(idx))
@@ -288,16 +354,16 @@ def micro_batch_loss(run: Run, roll: dict, idx: torch.Tensor, loss_cfg):
 def update(run: Run, roll: dict) -> dict:
     cfg = run.cfg
     B = roll["input_ids"].shape[0]
-    mb, accum = cfg.per_device_batch_size, cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps   # sequences per optimizer step
     loss_cfg = loss_config(run)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     stats, grad_norms = [], []
     run.bundle.policy.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=run.shuffle_gen).to(run.device)
-        for mini in order.split(mb * accum):
+        for mini in order.split(per_step):
             run.optimizer.zero_grad(set_to_none=True)
-            micros = mini.split(mb)
+            micros = mini.split(run.micro_batch)
             for idx in micros:
                 loss, s = micro_batch_loss(run, roll, idx, loss_cfg)
                 (loss / len(micros)).backward()
@@ -412,7 +478,7 @@ def evaluate(run: Run, n: int, *, seed: int, prompts=None) -> float:
     scores = []
     for s in range(0, len(prompts), 64):
         chunk = prompts[s:s + 64]
-        *_, texts = sample(run, chunk, temperature=0.0, generator=torch.Generator(run.device).manual_seed(seed))
+        *_, texts, _ = sample(run, chunk, temperature=0.0, generator=torch.Generator(run.device).manual_seed(seed))
         scores += scores_tensor(run.reward_fn(chunk, texts), len(chunk), "cpu").tolist()
     return sum(scores) / len(scores)
 
@@ -436,14 +502,15 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.eval_samples:
             run.eval_before = evaluate(run, cfg.eval_samples, seed=cfg.seed)
     log = metrics.MetricsLogger(out_dir, report_to=cfg.report_to, start_step=run.step)
-    batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+    batch = run.rollout_batch
     bar = tqdm(range(run.step + 1, cfg.max_steps + 1), initial=run.step, total=cfg.max_steps, desc=cfg.algo,
                dynamic_ncols=True, disable=None)
     for step in bar:
         t0 = time.perf_counter()
         prompts = run.task.sample(batch, run.data_rng)                     # 1. prompts
         roll = rollout(run, prompts)                                       # 2-6. generate … advantages
-        stats = update(run, roll)                                          # 7. policy + value updates
+        with phase(run, "update"):
+            stats = update(run, roll)                                      # 7. policy + value updates
         kl = roll["kl_seq"].mean().item()
         run.kl_ctl.update(kl, batch)                                       # 8. adaptive KL
         run.step = step
@@ -451,9 +518,11 @@ def train(cfg: TrainConfig) -> dict:
         record = {"step": step, "reward_mean": roll["raw_scores"].mean().item(),
                   "reward_std": roll["raw_scores"].std().item() if batch > 1 else 0.0,
                   "score_scaled_mean": roll["scores"].mean().item(), "kl": kl, "kl_coef": run.kl_ctl.value,
-                  "entropy": roll["entropy"].item(), **stats, "response_len": roll["response_len"].mean().item(),
+                  "entropy": roll["entropy"].item(), "logprob_gap": roll["logprob_gap"].item(), **stats,
+                  "response_len": roll["response_len"].mean().item(),
                   "tokens_per_s": roll["response_len"].sum().item() / dt, "step_time_s": dt,
-                  "lr": run.scheduler.get_last_lr()[0], "peak_mem_mib": metrics.peak_mem_mib(run.device)}
+                  "lr": run.scheduler.get_last_lr()[0], "peak_mem_mib": max(run.memory.peaks.values()) or metrics.peak_mem_mib(run.device),
+                  **run.memory.metrics()}
         log.log(record)                                                    # 9. metrics
         if step % cfg.logging_steps == 0:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{kl:.3f}",
@@ -464,7 +533,7 @@ def train(cfg: TrainConfig) -> dict:
     log.close()
     metrics.plot(log.records, out_dir / "curves.png")
     summary = metrics.summary(log.records, wall_s=time.perf_counter() - t_start,
-                              peak_mib=metrics.peak_mem_mib(run.device))
+                              peak_mib=max([r["peak_mem_mib"] for r in log.records] or [metrics.peak_mem_mib(run.device)]))
     summary["eval_before"] = run.eval_before
     summary["eval_after"] = evaluate(run, cfg.eval_samples, seed=cfg.seed) if cfg.eval_samples else None
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -475,12 +544,19 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def _quiet_transformers():
+    """The CLI shows one progress bar (ours), not transformers' per-load shard bars."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:
         print(f"fastrlhf train: error: {exc}", file=sys.stderr)
         return 2
+    _quiet_transformers()
     train(cfg)
     return 0
 
@@ -510,6 +586,7 @@ def eval_main(argv=None) -> int:
     except ValueError as exc:
         print(f"fastrlhf eval: error: {exc}", file=sys.stderr)
         return 2
+    _quiet_transformers()
     run = setup(cfg)
     load_weights(run, state)
     n = args.eval_samples or cfg.eval_samples
