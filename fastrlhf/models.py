@@ -600,12 +600,13 @@ def plan_memory(hf_config, *, batch_size: int, prompt_len: int, new_tokens: int,
                       update_bytes_per_sequence=update_seq, generation_bytes_per_sequence=gen_seq, message=msg)
 
 
-_LOWER = {  # phase -> what to lower, in the order most likely to help
-    "generation": "--rollout_batch_size (sequences generated at once) or --max_new_tokens (KV cache)",
-    "scoring": "--rollout_batch_size or the sequence length (--max_prompt_len/--max_new_tokens); a separate "
-               "critic or reward model on the GPU also counts here",
-    "update": "--micro_batch_size (or let the planner pick it), --max_new_tokens; enable --gradient_checkpointing; "
-              "--optim adamw_8bit/paged_adamw_8bit; --use_peft with --load_in_4bit",
+_LOWER = {  # phase -> the `fastrlhf train` flags to lower, in the order most likely to help
+    "generation": "--per_device_batch_size x --gradient_accumulation_steps x --num_mini_batches (sequences "
+                  "generated per step) or --max_new_tokens (KV cache)",
+    "scoring": "--per_device_batch_size or the sequence length (--max_prompt_length/--max_new_tokens); a "
+               "separate critic or reward model on the GPU also counts here",
+    "update": "--per_device_batch_size (or let --max_memory_gb pick it), --max_new_tokens; enable "
+              "--gradient_checkpointing; --optim adamw_8bit/paged_adamw_8bit; --use_peft with --load_in_4bit",
     "loading": "the model size: --load_in_4bit/--load_in_8bit with --use_peft, --ref_load_in_8bit, or no "
                "separate --critic_model_name_or_path",
 }
