@@ -98,6 +98,8 @@ def peak_extra_mib(fn: Callable[[], object], device: Optional[torch.device] = No
         os.close(read_fd)
         code = 0
         try:
+            # The parent's OpenMP pool does not survive fork(): a parallel op in the child would hang.
+            torch.set_num_threads(1)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
             base = _rss_kib("VmRSS")

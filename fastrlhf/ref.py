@@ -56,13 +56,15 @@ def _row_stats_chunk(x: torch.Tensor, labels: torch.Tensor, temperature: float, 
 
 
 def _row_grad_chunk(p, z, labels, valid, g_logprob, g_entropy, temperature):
-    """dz for one chunk: (gℓ·(onehot(y) − p) + gH·(−p ⊙ (z − Σpz))) / τ, float32 [n, V]."""
+    """dz for one chunk: (gℓ·(onehot(y) − p) + gH·(−p ⊙ (z − Σpz))) / τ, float32 [n, V].
+
+    Rows whose label is ignored have ℓ ≡ 0, so their gℓ is dropped."""
+    g_logprob = torch.where(valid, g_logprob, torch.zeros_like(g_logprob))
     pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1, keepdim=True)
     zc = torch.where(p > 0, z - pz, torch.zeros_like(z))
     grad = -(g_logprob[:, None] * p) - g_entropy[:, None] * p * zc
-    g_lab = torch.where(valid, g_logprob, torch.zeros_like(g_logprob))
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    grad.scatter_add_(-1, safe[:, None], g_lab[:, None])
+    grad.scatter_add_(-1, safe[:, None], g_logprob[:, None])
     return grad / temperature
 
 

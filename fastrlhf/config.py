@@ -1,0 +1,395 @@
+"""`TrainConfig`: every knob of `fastrlhf train`, its flag, its default, its preset, its checks.
+
+Sources, later wins: dataclass defaults < the `--algo` preset (fields left unset) < `--config FILE.yaml`
+< command-line flags. The model's knobs are `fastrlhf.models.ModelConfig`, composed as `cfg.model`;
+its fields are flags too (flat names in YAML and on the command line). `parse_args` checks
+everything before any model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .models import ModelConfig
+from .models import validate as validate_model
+from .ref import KL_ESTIMATORS
+
+ALGOS = ("ppo", "ppo-max", "apa")
+TASKS = ("arithmetic", "sentiment", "file")
+
+# Per-algorithm defaults (DESIGN §3, numbers from the reference code of each method) for the fields
+# that are None in TrainConfig. Every one is overridable by a flag or the YAML file.
+PRESETS = {
+    # TRL-style PPO: k1 KL in the reward, GAE γ=1 λ=0.95, ε=0.2, ε_v=0.2, whitened advantages.
+    "ppo": dict(kl_coef=0.05, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
+                cliprange_value=0.2, whiten_advantages=True, adv_clip=None, score_scaling="none",
+                score_clip=None, max_grad_norm=None, vf_coef=0.1, adv_coeff=10.0, num_mini_batches=1),
+    # Secrets of RLHF I (PPO-max): score scaled by the running std and clipped, token-level KL in
+    # the reward, value + ratio clipping, whitened (and clipped) advantages, grad-norm 1.0, one
+    # rollout batch per update.
+    "ppo-max": dict(kl_coef=0.05, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
+                    cliprange_value=0.2, whiten_advantages=True, adv_clip=5.0, score_scaling="std",
+                    score_clip=5.0, max_grad_norm=1.0, vf_coef=0.1, adv_coeff=10.0, num_mini_batches=1),
+    # APA (Zhu et al. 2023): (ℓ − ℓ_init − 10·A)², no KL in the reward, score scaled by the running
+    # std and clipped at ±100, value loss ½ MSE (no clip), GAE γ=1 λ=0.95.
+    "apa": dict(kl_coef=0.0, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
+                cliprange_value=None, whiten_advantages=True, adv_clip=None, score_scaling="std",
+                score_clip=100.0, max_grad_norm=1.0, vf_coef=0.1, adv_coeff=10.0, num_mini_batches=1),
+}
+
+
+# Help of the model flags (their semantics belong to fastrlhf.models.ModelConfig).
+MODEL_HELP = {
+    "model_name_or_path": "Hugging Face name or local path of a causal LM (None: the built-in tiny Llama with "
+                          "the character tokenizer)",
+    "dtype": "weights dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
+    "attn_implementation": "auto | flash_attention_2 | sdpa | eager",
+    "use_peft": "train LoRA adapters (peft) instead of all weights; the reference is the adapter-free base",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+    "lora_target_modules": "'all-linear' or comma-separated module names",
+    "load_in_4bit": "4-bit (bitsandbytes) base; needs --use_peft",
+    "load_in_8bit": "8-bit (bitsandbytes) base; needs --use_peft",
+    "bnb_4bit_quant_type": "nf4 | fp4", "bnb_4bit_use_double_quant": "nested 4-bit quantization",
+    "bnb_4bit_compute_dtype": "auto (= dtype) | float32 | bfloat16 | float16",
+    "ref_load_in_8bit": "load the frozen reference copy in 8-bit (without --use_peft)",
+    "critic_model_name_or_path": "separate critic trunk (None: value head on the policy trunk; ppo-max uses "
+                                 "--reward_model when given)",
+    "value_head": "build a value head (PPO, PPO-max and APA all need one)",
+    "gradient_checkpointing": "recompute activations in backward to save memory",
+    "max_memory_gb": "cap this process's GPU memory (GiB)",
+    "tiny_hidden_size": "built-in model: hidden size", "tiny_num_layers": "built-in model: layers",
+    "tiny_num_heads": "built-in model: attention heads", "tiny_intermediate_size": "built-in model: MLP size",
+    "tiny_max_positions": "built-in model: max positions", "tiny_seed": "built-in model: init seed",
+}
+
+
+def _f(default, help, choices=None, preset=False, flag=True):
+    return field(default=default, metadata={"help": help, "choices": choices, "preset": preset, "flag": flag})
+
+
+@dataclass
+class TrainConfig:
+    # --- run ---
+    algo: str = _f("ppo", "RL algorithm", ALGOS)
+    task: Optional[str] = _f(None, "prompt source: arithmetic | sentiment | file (None: 'file' when "
+                                   "--prompts is given, else 'arithmetic')", TASKS + (None,))
+    prompts: Optional[str] = _f(None, "prompt file, text (one per line) or .jsonl ('prompt' or 'text' key); "
+                                      "for task sentiment it replaces the built-in list")
+    digits: int = _f(1, "arithmetic task: operands have 1..digits digits")
+    operators: str = _f("+", "arithmetic task: operators to draw from (any of + - *)")
+    reward: Optional[str] = _f(None, "arithmetic | vader | path/file.py:fn | module:fn, called as "
+                                     "fn(prompts, responses) -> floats (None: the task's own reward)")
+    partial_credit: bool = _f(False, "arithmetic reward: < 0.5 credit for matching digits of a wrong answer")
+    reward_model: Optional[str] = _f(None, "Hugging Face sequence-classification model scoring prompt+response")
+    reward_label: int = _f(0, "which logit of --reward_model is the score")
+    output_dir: str = _f("runs/fastrlhf", "where metrics.jsonl, checkpoints, the plot and TensorBoard go")
+    seed: int = _f(0, "seed of every random generator")
+    device: str = _f("auto", "auto (cuda if available) | cpu | cuda", ("auto", "cpu", "cuda"))
+    num_threads: Optional[int] = _f(None, "CPU threads for torch (None: 1 for the built-in tiny model, whose "
+                                          "matmuls are too small to gain from threads, else torch's default)")
+    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
+    max_steps: int = _f(60, "RL steps (one rollout batch each)")
+    save_steps: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: Optional[int] = _f(2, "keep this many newest checkpoints (None: all)")
+    resume: Optional[str] = _f(None, "'latest' (checkpoint in --output_dir) or a checkpoint directory; "
+                                     "--resume alone means latest")
+    report_to: str = _f("none", "none | tensorboard", ("none", "tensorboard"))
+    logging_steps: int = _f(1, "progress-bar refresh period (metrics.jsonl gets every step)")
+    # --- rollout ---
+    per_device_batch_size: int = _f(16, "micro-batch size (sequences per forward/backward)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    num_mini_batches: Optional[int] = _f(None, "optimizer steps per epoch; rollout batch = "
+                                               "per_device_batch_size x gradient_accumulation_steps x this",
+                                         preset=True)
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    max_prompt_length: int = _f(128, "prompts are left-truncated to this many tokens")
+    max_new_tokens: int = _f(4, "response length limit")
+    temperature: float = _f(1.0, "sampling temperature (log-probs use the same one)")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    top_p: float = _f(1.0, "nucleus sampling mass (1: off)")
+    # --- optimization ---
+    learning_rate: float = _f(3e-4, "policy learning rate (AdamW)")
+    critic_learning_rate: Optional[float] = _f(None, "value head / critic learning rate (None: --learning_rate)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_scheduler_type: str = _f("constant", "constant | linear | cosine (after warmup)",
+                                ("constant", "linear", "cosine"))
+    warmup_steps: int = _f(0, "linear learning-rate warmup, in optimizer steps")
+    max_grad_norm: Optional[float] = _f(None, "global grad-norm clip (None: off)", preset=True)
+    vf_coef: Optional[float] = _f(None, "value-loss weight", preset=True)
+    # --- advantages and rewards ---
+    gamma: Optional[float] = _f(None, "GAE discount", preset=True)
+    lam: Optional[float] = _f(None, "GAE lambda", preset=True)
+    whiten_advantages: Optional[bool] = _f(None, "masked whitening of advantages", preset=True)
+    adv_clip: Optional[float] = _f(None, "clip whitened advantages to ±this (None: off)", preset=True)
+    score_scaling: Optional[str] = _f(None, "none | std (divide by running std) | mean_std (also subtract "
+                                            "running mean)", ("none", "std", "mean_std", None), preset=True)
+    score_clip: Optional[float] = _f(None, "clip the (scaled) score to ±this (None: off)", preset=True)
+    # --- losses ---
+    cliprange: Optional[float] = _f(None, "PPO ratio clip ε (low side)", preset=True)
+    cliprange_high: Optional[float] = _f(None, "PPO ratio clip on the high side (None: --cliprange)")
+    dual_clip: Optional[float] = _f(None, "PPO dual clip c > 1 (None: off)")
+    cliprange_value: Optional[float] = _f(None, "value clip ε_v (None: ½ MSE)", preset=True)
+    adv_coeff: Optional[float] = _f(None, "APA 1/λ", preset=True)
+    entropy_coef: float = _f(0.0, "entropy bonus weight")
+    batch_entropy_coef: float = _f(0.0, "batch-entropy bonus weight")
+    kl_coef: Optional[float] = _f(None, "KL weight β (initial value with --adaptive_kl)", preset=True)
+    kl_estimator: Optional[str] = _f(None, "KL estimator k1 | k2 | k3", KL_ESTIMATORS + (None,), preset=True)
+    kl_in: Optional[str] = _f(None, "reward (per-token shaping) | loss (policy-loss term)",
+                              ("reward", "loss", None), preset=True)
+    adaptive_kl: bool = _f(False, "adapt β towards --kl_target")
+    kl_target: float = _f(0.1, "target KL per sequence for --adaptive_kl")
+    kl_horizon: float = _f(10000.0, "adaptive KL horizon (in samples)")
+    ptx_file: Optional[str] = _f(None, "pretraining (ptx) loss on this SFT text file (text or .jsonl "
+                                       "with a 'text' key)")
+    ptx_coef: float = _f(0.0, "ptx loss weight (needs --ptx_file)")
+    # --- supervised warm-start (built in for the arithmetic task) ---
+    sft_steps: Optional[int] = _f(None, "supervised warm-start steps before RL (None: 250 for the built-in "
+                                        "model on arithmetic, else 0)")
+    sft_noise: float = _f(0.6, "fraction of warm-start answers that are wrong (off by a few), so RL has "
+                               "something to learn")
+    sft_learning_rate: float = _f(3e-3, "warm-start learning rate")
+    sft_batch_size: int = _f(64, "warm-start batch size")
+    eval_samples: int = _f(256, "held-out prompts scored by `fastrlhf eval` and the final summary")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"flag": False})
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the preset applied to every field left None, the task/reward defaults filled."""
+        cfg = dataclasses.replace(self)
+        for k, v in PRESETS[cfg.algo].items():
+            if getattr(cfg, k) is None:
+                setattr(cfg, k, v)
+        if cfg.cliprange_high is None:
+            cfg.cliprange_high = cfg.cliprange
+        if cfg.task is None:
+            cfg.task = "file" if cfg.prompts else "arithmetic"
+        if cfg.reward is None and cfg.reward_model is None:
+            cfg.reward = {"arithmetic": "arithmetic", "sentiment": "vader"}.get(cfg.task)
+        if cfg.critic_learning_rate is None:
+            cfg.critic_learning_rate = cfg.learning_rate
+        if cfg.sft_steps is None:
+            cfg.sft_steps = 250 if (cfg.model.model_name_or_path is None and cfg.task == "arithmetic") else 0
+        if cfg.algo == "ppo-max" and cfg.reward_model and cfg.model.critic_model_name_or_path is None:
+            cfg.model = dataclasses.replace(cfg.model, critic_model_name_or_path=cfg.reward_model)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        model = ModelConfig(**d.pop("model", {}))
+        return cls(model=model, **d)
+
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("flag", True)]
+
+
+def _base_type(tp):
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    if typing.get_origin(tp) is typing.Union:  # e.g. Union[str, list]: given as a string on the command line
+        return str, False
+    return tp, False
+
+
+def _parser_type(name, base, optional):
+    def convert(text):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if base is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+    convert.__name__ = base.__name__
+    return convert
+
+
+def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="PPO / PPO-max / APA on a Hugging Face causal LM. No flags: "
+                                            "the built-in tiny Llama on single-digit addition.")
+    p.add_argument("--config", default=None, help="YAML file of flag values (flags given here override it)")
+    for cls, title in ((TrainConfig, "training"), (ModelConfig, "model (fastrlhf.models)")):
+        group = p.add_argument_group(title)
+        defaults = cls()
+        for f, tp in _fields(cls):
+            base, optional = _base_type(tp)
+            default = getattr(defaults, f.name)
+            help_ = f.metadata.get("help") or MODEL_HELP.get(f.name, f.name)
+            if f.metadata.get("preset"):
+                help_ += " (default per --algo: " + ", ".join(
+                    f"{a}={PRESETS[a][f.name]}" for a in ALGOS) + ")"
+            choices = [c for c in (f.metadata.get("choices") or ()) if c is not None] or None
+            kw = dict(default=argparse.SUPPRESS, help=help_ + f" [default: {default}]")
+            if base is bool and not optional:
+                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            elif f.name == "resume":
+                group.add_argument("--resume", nargs="?", const="latest", metavar="PATH", **kw)
+            else:
+                if choices:
+                    kw["help"] += f" {{{', '.join(map(str, choices))}}}"
+                    kw["choices"] = choices + [None] if optional else choices
+                group.add_argument(f"--{f.name}", type=_parser_type(f.name, base, optional),
+                                   metavar=base.__name__.upper(), **kw)
+    return p
+
+
+def _split(values: dict, source: str) -> tuple:
+    train_names = {f.name for f, _ in _fields(TrainConfig)}
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - train_names - model_names)
+    if unknown:
+        raise ValueError(f"{source}: unknown option(s) {unknown}; see `fastrlhf train --help`")
+    return ({k: v for k, v in values.items() if k in train_names},
+            {k: v for k, v in values.items() if k in model_names})
+
+
+def _check_types(values: dict, source: str):
+    hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(ModelConfig)}
+    for k, v in values.items():
+        base, optional = _base_type(hints[k])
+        if v is None and optional:
+            continue
+        ok = isinstance(v, base) and not (base is int and isinstance(v, bool))
+        if base is float and isinstance(v, int) and not isinstance(v, bool):
+            values[k] = float(v)
+            ok = True
+        if not ok and typing.get_origin(base) is None and base in (int, float, str, bool):
+            raise ValueError(f"{source}: {k}: expected {base.__name__}{' or null' if optional else ''}, "
+                             f"got {v!r}")
+
+
+def load_yaml(path) -> dict:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: expected an existing YAML file, got {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: expected a mapping of option: value in {path}, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
+    """Flags (+ optional YAML) -> a resolved, validated TrainConfig. Raises ValueError (argparse
+    errors exit with status 2 and a usage message)."""
+    ns = vars(build_parser(prog).parse_args(argv))
+    yaml_path = ns.pop("config", None)
+    values = load_yaml(yaml_path) if yaml_path else {}
+    if values:
+        _check_types(values, f"config {yaml_path}")
+    values.update(ns)
+    train_kw, model_kw = _split(values, "options")
+    cfg = TrainConfig(model=ModelConfig(**model_kw), **train_kw).resolved()
+    validate(cfg)
+    return cfg
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
+
+
+def validate(cfg: TrainConfig):
+    """Every check that needs no model: values, ranges, and combinations."""
+    _choice("algo", cfg.algo, ALGOS)
+    _choice("task", cfg.task, TASKS)
+    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    _choice("report_to", cfg.report_to, ("none", "tensorboard"))
+    _choice("lr_scheduler_type", cfg.lr_scheduler_type, ("constant", "linear", "cosine"))
+    _choice("score_scaling", cfg.score_scaling, ("none", "std", "mean_std"))
+    _choice("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)
+    _choice("kl_in", cfg.kl_in, ("reward", "loss"))
+    positive_ints = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "num_mini_batches",
+                     "ppo_epochs", "max_new_tokens", "max_prompt_length", "logging_steps", "sft_batch_size",
+                     "eval_samples")
+    for name in positive_ints:
+        v = getattr(cfg, name)
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    for name in ("save_steps", "sft_steps", "warmup_steps", "top_k", "reward_label"):
+        v = getattr(cfg, name)
+        if not (isinstance(v, int) and v >= 0):
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    if cfg.num_threads is not None and cfg.num_threads < 1:
+        raise ValueError(f"num_threads: expected None or an int >= 1, got {cfg.num_threads!r}")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise ValueError(f"save_total_limit: expected None or an int >= 1, got {cfg.save_total_limit!r}")
+    for name in ("learning_rate", "critic_learning_rate", "sft_learning_rate", "temperature", "kl_target",
+                 "kl_horizon"):
+        v = getattr(cfg, name)
+        if not v > 0:
+            raise ValueError(f"{name}: expected a number > 0, got {v!r}")
+    for name in ("weight_decay", "entropy_coef", "batch_entropy_coef", "kl_coef", "ptx_coef", "vf_coef",
+                 "cliprange_high", "adv_coeff"):
+        v = getattr(cfg, name)
+        if not v >= 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+    for name in ("max_grad_norm", "adv_clip", "score_clip", "cliprange_value"):
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"{name}: expected None or a number > 0, got {v!r}")
+    if not 0 <= cfg.cliprange < 1:
+        raise ValueError(f"cliprange: expected 0 <= cliprange < 1, got {cfg.cliprange!r}")
+    if cfg.dual_clip is not None and not cfg.dual_clip > 1:
+        raise ValueError(f"dual_clip: expected None or a number > 1, got {cfg.dual_clip!r}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {cfg.top_p!r}")
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
+        raise ValueError(f"gamma, lam: expected numbers in [0, 1], got gamma={cfg.gamma!r}, lam={cfg.lam!r}")
+    if not 0 <= cfg.sft_noise <= 1:
+        raise ValueError(f"sft_noise: expected a number in [0, 1], got {cfg.sft_noise!r}")
+    # combinations
+    if cfg.reward and cfg.reward_model:
+        raise ValueError(f"reward, reward_model: give one, got --reward {cfg.reward!r} and --reward_model "
+                         f"{cfg.reward_model!r}")
+    if not cfg.reward and not cfg.reward_model:
+        raise ValueError(f"reward: task {cfg.task!r} has no built-in reward; give --reward or --reward_model")
+    if cfg.reward == "arithmetic" and cfg.task != "arithmetic":
+        raise ValueError(f"reward: 'arithmetic' scores arithmetic prompts only, got --task {cfg.task!r}")
+    if cfg.reward and cfg.reward not in ("arithmetic", "vader") and ":" not in cfg.reward:
+        raise ValueError(f"reward: expected arithmetic, vader, path/file.py:fn or module:fn, got {cfg.reward!r}")
+    if cfg.reward and cfg.reward.split(":")[0].endswith(".py") and not Path(cfg.reward.rsplit(":", 1)[0]).is_file():
+        raise ValueError(f"reward: expected an existing Python file, got {cfg.reward.rsplit(':', 1)[0]!r}")
+    if cfg.reward_model and not Path(cfg.reward_model).exists():
+        raise ValueError(f"reward_model: expected a local model directory, got {cfg.reward_model!r}")
+    if cfg.prompts and not Path(cfg.prompts).is_file():
+        raise ValueError(f"prompts: expected an existing file, got {cfg.prompts!r}")
+    if cfg.prompts and cfg.task == "arithmetic":
+        raise ValueError("prompts: the arithmetic task generates its prompts; use --task file or sentiment")
+    if cfg.task == "file" and not cfg.prompts:
+        raise ValueError("prompts: --task file needs --prompts FILE")
+    if cfg.task == "arithmetic":
+        from .tasks import ArithmeticTask
+        ArithmeticTask(digits=cfg.digits, operators=cfg.operators)
+    if cfg.ptx_coef > 0 and not cfg.ptx_file:
+        raise ValueError(f"ptx_coef: {cfg.ptx_coef} needs --ptx_file, got none")
+    if cfg.ptx_file and not Path(cfg.ptx_file).is_file():
+        raise ValueError(f"ptx_file: expected an existing file, got {cfg.ptx_file!r}")
+    if cfg.algo == "apa" and cfg.dual_clip is not None:
+        raise ValueError("dual_clip: APA has no ratio to clip; drop --dual_clip or use --algo ppo/ppo-max")
+    if cfg.adaptive_kl and cfg.kl_coef == 0:
+        raise ValueError("adaptive_kl: needs --kl_coef > 0 to adapt (β = 0 stays 0)")
+    if cfg.sft_steps and cfg.task != "arithmetic":
+        raise ValueError(f"sft_steps: the built-in warm-start is for the arithmetic task, got --task {cfg.task!r}")
+    if cfg.bf16 and cfg.device == "cuda" and cfg.model.dtype in ("float16", "fp16"):
+        raise ValueError("bf16: autocast to bf16 with a float16 model; pass --no-bf16 or --dtype bfloat16")
+    if not cfg.model.value_head:
+        raise ValueError("value_head: PPO, PPO-max and APA all need values (GAE); expected value_head=True")
+    validate_model(cfg.model)

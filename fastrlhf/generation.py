@@ -1,0 +1,220 @@
+"""KV-cached rollout generation for Hugging Face causal LMs (Llama, Qwen2, GPT-2 style; peft-wrapped too).
+
+One static KV cache of P + max_new_tokens positions is allocated per call; the prompt batch (left
+padded, `attention_mask`) is prefilled in one forward, then each decode step runs the model on one
+token per row and draws with `fastrlhf.ops.sample_tokens`. On CUDA the decode forward is captured
+once in a CUDA graph and replayed (falls back to eager, with one warning, when capture fails; a
+model that cannot use transformers' StaticCache decodes over its own cache, also with a warning).
+Finished rows (EOS drawn) keep running but emit `pad_token_id` with log-prob 0; the done flags
+stay on the device and are read back every `_CHECK_EVERY` steps to stop early.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import ops
+
+# Steps between host reads of the done flags: one sync per 16 decode steps instead of one per step.
+_CHECK_EVERY = 16
+
+
+@dataclass
+class Generation:
+    """sequences [B, P + n]: the prompt (left padded, as given) then n generated tokens, `pad_token_id`
+    after a row's EOS; n <= max_new_tokens (smaller when every row stopped early).
+    response_mask [B, n] int64: 1 up to and including the EOS token, 0 after.
+    logprobs [B, n] float32: log-prob of each drawn token under the tempered full softmax, 0 where masked.
+    """
+    sequences: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def _forward_params(model) -> set:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def _static_cache(model, batch: int, max_len: int, device, dtype):
+    """transformers' StaticCache across versions: 4.x takes (config, max_batch_size, max_cache_len,
+    device, dtype) and allocates at once; 5.x takes (config, max_cache_len) and allocates on the
+    first update."""
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    kwargs = {"config": model.config, "max_cache_len": max_len}
+    for name, value in (("max_batch_size", batch), ("device", device), ("dtype", dtype)):
+        if name in params:
+            kwargs[name] = value
+    if "max_batch_size" not in params and "batch_size" in params:
+        kwargs["batch_size"] = batch
+    return StaticCache(**kwargs)
+
+
+def _model_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+class _Decoder:
+    """One decode step `tokens [B] -> logits [B, V]` over the static cache; CUDA-graph replayed on GPU."""
+
+    def __init__(self, model, cache, full_mask, pos0, prompt_len, use_cache_position, logits_kw):
+        self.model, self.cache, self.full_mask = model, cache, full_mask
+        self.pos0, self.prompt_len = pos0, prompt_len        # pos0 [B, 1]: position of the first new token
+        self.use_cache_position, self.logits_kw = use_cache_position, logits_kw
+        device = full_mask.device
+        self.tok = torch.zeros(full_mask.shape[0], 1, dtype=torch.long, device=device)
+        self.pos = pos0.clone()
+        self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph, self.logits = None, None
+        self.try_graph = device.type == "cuda"
+
+    def _run(self):
+        kw = dict(attention_mask=self.full_mask, position_ids=self.pos, past_key_values=self.cache,
+                  use_cache=True, **self.logits_kw)
+        if self.use_cache_position:
+            kw["cache_position"] = self.cache_pos
+        return self.model(self.tok, **kw).logits[:, -1, :]
+
+    def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """tokens [B]: the tokens drawn at `step` (0-based); returns the logits for step + 1."""
+        self.tok.copy_(tokens[:, None])
+        torch.add(self.pos0, step, out=self.pos)
+        self.cache_pos.fill_(self.prompt_len + step)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not self.try_graph:
+            return self._run()
+        # First CUDA step: run eagerly on a side stream (the warm-up CUDA graphs need), then capture
+        # the step; later steps replay it. Capture does not run kernels, so the cache is untouched.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.try_graph = False
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._run()
+            self.graph = graph
+        except Exception as exc:  # a model or transformers version that cannot be captured
+            warnings.warn(f"fastrlhf.generate: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                          f"decoding eagerly", RuntimeWarning, stacklevel=3)
+        return logits
+
+
+class _GrowingDecoder:
+    """Fallback decode step over the model's own (growing) cache: eager, the mask sliced to the length."""
+
+    def __init__(self, model, past, full_mask, pos0, prompt_len, logits_kw):
+        self.model, self.past, self.full_mask = model, past, full_mask
+        self.pos0, self.prompt_len, self.logits_kw = pos0, prompt_len, logits_kw
+
+    def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        out = self.model(tokens[:, None], attention_mask=self.full_mask[:, : self.prompt_len + step + 1],
+                         position_ids=self.pos0 + step, past_key_values=self.past, use_cache=True,
+                         **self.logits_kw)
+        self.past = out.past_key_values
+        return out.logits[:, -1, :]
+
+
+def _eos_tensor(eos_token_id, device) -> Optional[torch.Tensor]:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"eos_token_id: expected None, an int or a list of ints, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None) -> Generation:
+    """Sample up to `max_new_tokens` tokens per row from `model` after the left-padded prompts
+    `input_ids` [B, P] (`attention_mask` [B, P]: 0 on the left padding; None = no padding).
+
+    temperature / top_k / top_p as in `fastrlhf.sample_tokens` (temperature 0 or top_k 1 is greedy);
+    a row stops after it draws a token in `eos_token_id`; `pad_token_id` (default: the first EOS id,
+    else 0) fills the positions after. Returns a `Generation`.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a 2-dim tensor [B, P], got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    device = input_ids.device
+    B, P = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if tuple(attention_mask.shape) != (B, P):
+        raise ValueError(f"attention_mask: expected shape {(B, P)}, got {tuple(attention_mask.shape)}")
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    if P > 1 and bool((mask[:, :-1] > mask[:, 1:]).any()):
+        raise ValueError("attention_mask: expected left padding (zeros then ones per row), got a 1 before a 0")
+    eos = _eos_tensor(eos_token_id, device)
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos is not None else 0
+    N = max_new_tokens
+
+    params = _forward_params(model)
+    use_cache_position = "cache_position" in params
+    logits_kw = ({"logits_to_keep": 1} if "logits_to_keep" in params
+                 else {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
+    full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long, device=device)], dim=1)
+    # Positions as Hugging Face generate counts them: 0.. over the valid tokens, 1 on the padding.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    pos0 = mask.sum(-1, keepdim=True)
+    try:
+        cache = _static_cache(model, B, P + N, device, _model_dtype(model))
+        kw = dict(attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                  **logits_kw)
+        if use_cache_position:
+            kw["cache_position"] = torch.arange(P, device=device)
+        logits = model(input_ids, **kw).logits[:, -1, :]
+        decoder = _Decoder(model, cache, full_mask, pos0, P, use_cache_position, logits_kw)
+    except (TypeError, ValueError, AttributeError, NotImplementedError, ImportError) as exc:
+        # A model / transformers version without StaticCache support (e.g. GPT-2 on older 4.x)
+        warnings.warn(f"fastrlhf.generate: static KV cache unavailable for {type(model).__name__} "
+                      f"({type(exc).__name__}: {exc}); decoding with the model's own cache, no CUDA graph",
+                      RuntimeWarning, stacklevel=3)
+        out = model(input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits_kw)
+        logits = out.logits[:, -1, :]
+        decoder = _GrowingDecoder(model, out.past_key_values, full_mask, pos0, P, logits_kw)
+    tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)
+    live = torch.ones(B, N, dtype=torch.bool, device=device)   # live[:, t]: row had not stopped before t
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = N
+    for t in range(N):
+        if t > 0:
+            logits = decoder(tokens[:, t - 1], t - 1)
+        tok, lp = ops.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator)
+        live[:, t] = ~done
+        tokens[:, t] = torch.where(done, pad_token_id, tok)
+        logprobs[:, t] = torch.where(done, 0.0, lp.float())
+        if eos is not None:
+            done |= torch.isin(tok, eos)
+            if t % _CHECK_EVERY == _CHECK_EVERY - 1 and t + 1 < N and bool(done.all()):
+                steps = t + 1
+                break
+    response_mask = live[:, :steps].long()
+    n = int(response_mask.sum(-1).max()) if eos is not None else steps
+    return Generation(sequences=torch.cat([input_ids, tokens[:, :n]], dim=1),
+                      response_mask=response_mask[:, :n].contiguous(),
+                      logprobs=logprobs[:, :n].contiguous())
+
+
+__all__ = ["Generation", "generate"]

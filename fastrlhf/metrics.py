@@ -1,0 +1,110 @@
+"""Run metrics: `<output_dir>/metrics.jsonl` (one JSON object per step), optional TensorBoard,
+a PNG of the reward / KL / entropy curves, and the final summary."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+REQUIRED = ("step", "reward_mean", "reward_std", "kl", "entropy", "loss", "value_loss", "clip_frac",
+            "response_len", "tokens_per_s", "peak_mem_mib")
+
+
+class MetricsLogger:
+    """Appends one record per step to metrics.jsonl (truncated to `start_step` on resume, so a
+    resumed run's file equals an uninterrupted run's) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, output_dir, *, report_to: str = "none", start_step: int = 0):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self.records: List[dict] = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.writer = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
+
+    def log(self, record: dict):
+        missing = [k for k in REQUIRED if k not in record]
+        if missing:
+            raise ValueError(f"record: missing metrics {missing}")
+        record = {k: _plain(v) for k, v in record.items()}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(path) -> List[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def peak_mem_mib(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's peak RSS on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def fifth_means(records: List[dict], key: str = "reward_mean") -> tuple:
+    """(mean of `key` over the first fifth of steps, over the last fifth)."""
+    vals = [r[key] for r in records if r.get(key) is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    k = max(1, len(vals) // 5)
+    return sum(vals[:k]) / k, sum(vals[-k:]) / k
+
+
+def plot(records: List[dict], path) -> Optional[Path]:
+    """PNG with reward, KL and entropy against step (matplotlib Agg)."""
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in zip(axes, ("reward_mean", "kl", "entropy"), ("reward", "KL", "entropy")):
+        ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in records])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def summary(records: List[dict], *, wall_s: float, peak_mib: float) -> dict:
+    first, last = fifth_means(records)
+    return {"steps": len(records), "reward_first_fifth": first, "reward_last_fifth": last,
+            "wall_s": wall_s, "peak_mem_mib": peak_mib}
+
+
+def format_summary(s: dict) -> str:
+    return (f"reward {s['reward_first_fifth']:.3f} -> {s['reward_last_fifth']:.3f} (first -> last fifth of "
+            f"{s['steps']} steps) | {s['wall_s']:.1f} s | peak memory {s['peak_mem_mib']:.0f} MiB")

@@ -1,0 +1,148 @@
+"""Sequence scores: programmed rewards, user callables, or a Hugging Face reward model.
+
+Every reward is a callable `(prompts: list[str], responses: list[str]) -> list[float]` (or a 1-D
+tensor); `make_reward` resolves the `--reward` / `--reward_model` flags to one.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+import torch
+
+from .tasks import solve
+
+BUILTIN_REWARDS = ("arithmetic", "vader")
+
+_LEADING_INT = re.compile(r"\s*(-?\d+)")
+
+
+def arithmetic_reward(prompts: Sequence[str], responses: Sequence[str], *, partial_credit: bool = False):
+    """1.0 when the response starts with the exact answer of `a<op>b=` (and nothing but digits
+    follow it before a non-digit), else 0. With `partial_credit`, a wrong answer gets
+    0.5 · (digits matching the answer at the same position) / max(len(answer), len(response number)),
+    so partial credit is always < 0.5 < exact."""
+    out = []
+    for prompt, response in zip(prompts, responses):
+        answer = str(solve(prompt))
+        m = _LEADING_INT.match(response)
+        got = m.group(1) if m else ""
+        if got == answer:
+            out.append(1.0)
+        elif partial_credit and got:
+            same = sum(a == b for a, b in zip(got, answer))
+            out.append(0.5 * same / max(len(got), len(answer)))
+        else:
+            out.append(0.0)
+    return out
+
+
+_VADER = None
+
+
+def vader_reward(prompts: Sequence[str], responses: Sequence[str]):
+    """VADER compound sentiment of the response, in [-1, 1] (Hutto & Gilbert 2014), as the
+    programmed sentiment reward."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _VADER = SentimentIntensityAnalyzer()
+    return [_VADER.polarity_scores(r)["compound"] for r in responses]
+
+
+def load_callable(spec: str) -> Callable:
+    """`path/to/file.py:function` or `package.module:function` -> the function."""
+    if ":" not in spec:
+        raise ValueError(f"reward: expected one of {BUILTIN_REWARDS}, 'path/file.py:function' or "
+                         f"'module:function', got {spec!r}")
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError(f"reward: expected 'path/file.py:function' or 'module:function', got {spec!r}")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ValueError(f"reward: expected an existing Python file, got {target!r}")
+        mod_spec = importlib.util.spec_from_file_location(f"fastrlhf_user_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ValueError(f"reward: cannot import module {target!r} ({exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward: expected a function {name!r} in {target!r}, got {type(fn).__name__}")
+    return fn
+
+
+class RewardModel:
+    """A Hugging Face sequence-classification model as a reward: the score of `prompt + response`
+    is logit `label` at the last non-pad token. Uses the model's own tokenizer when the
+    directory has one, else `fallback_tokenizer` (the policy's)."""
+
+    def __init__(self, path, *, label: int = 0, device="cpu", fallback_tokenizer=None, dtype=None,
+                 batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        n = self.model.config.num_labels
+        if not 0 <= label < n:
+            raise ValueError(f"reward_label: expected an int in [0, {n}) for {path}, got {label}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            if fallback_tokenizer is None:
+                raise ValueError(f"reward_model: {path} has no tokenizer and no fallback was given") from None
+            self.tokenizer = fallback_tokenizer
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.tokenizer, "eos_token_id", None) or 0
+        self.pad_id = int(pad)
+        if self.model.config.pad_token_id is None:  # HF pools at the last token that is not a pad
+            self.model.config.pad_token_id = self.pad_id
+        self.label, self.device, self.batch_size = label, device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
+        scores = []
+        texts = [p + r for p, r in zip(prompts, responses)]
+        for s in range(0, len(texts), self.batch_size):
+            ids = [list(self.tokenizer.encode(t)) or [self.pad_id] for t in texts[s:s + self.batch_size]]
+            width = max(map(len, ids))
+            input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, row in enumerate(ids):
+                input_ids[i, :len(row)] = torch.tensor(row)
+                attn[i, :len(row)] = 1
+            input_ids, attn = input_ids.to(self.device), attn.to(self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits  # [B, labels]
+            scores.extend(logits[:, self.label].float().tolist())
+        return scores
+
+
+def make_reward(name, *, reward_model=None, reward_label=0, partial_credit=False, device="cpu",
+                tokenizer=None, dtype=None) -> Callable:
+    """Resolve `--reward` / `--reward_model` to a `(prompts, responses) -> scores` callable."""
+    if reward_model:
+        return RewardModel(reward_model, label=reward_label, device=device, fallback_tokenizer=tokenizer,
+                           dtype=dtype)
+    if name == "arithmetic":
+        return lambda prompts, responses: arithmetic_reward(prompts, responses, partial_credit=partial_credit)
+    if name == "vader":
+        return vader_reward
+    return load_callable(name)
+
+
+def scores_tensor(values, n: int, device) -> torch.Tensor:
+    """A reward's output -> float32 [n] on `device`, checked for length and finiteness."""
+    t = torch.as_tensor(values if isinstance(values, torch.Tensor) else list(values), dtype=torch.float32)
+    if t.shape != (n,):
+        raise ValueError(f"reward: expected {n} scores (one per response), got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"reward: expected finite scores, got {t.tolist()}")
+    return t.to(device)

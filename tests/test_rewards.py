@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from fastrlhf.rewards import (RewardModel, arithmetic_reward, load_callable, make_reward, scores_tensor,
+                              vader_reward)
+from fastrlhf.tokenizer import CharTokenizer
+
+
+def test_arithmetic_exact_and_partial_credit():
+    prompts = ["3+4=", "9+9=", "9+9=", "5-8=", "2*3=", "1+1="]
+    responses = ["7", "18\n", "17", "-3", "x6", ""]
+    assert arithmetic_reward(prompts, responses) == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    partial = arithmetic_reward(prompts, responses, partial_credit=True)
+    assert partial[:2] == [1.0, 1.0]
+    assert partial[2] == pytest.approx(0.5 * 1 / 2)        # "17" vs "18": one digit of two at its place
+    assert partial[4] == 0.0 and partial[5] == 0.0
+    assert arithmetic_reward(["9+9="], ["81"], partial_credit=True) == [0.0]
+    assert all(p < 0.5 for p, e in zip(partial, arithmetic_reward(prompts, responses)) if e == 0)
+
+
+def test_vader_orders_sentiment():
+    pos, neg, neutral = vader_reward(["x"] * 3, ["I love it, wonderful and great!", "awful, I hate it",
+                                                 "the table"])
+    assert pos > 0.5 and neg < -0.5 and neutral == 0.0
+
+
+def test_user_callable_from_file_and_module(tmp_path, monkeypatch):
+    f = tmp_path / "my_reward.py"
+    f.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    fn = load_callable(f"{f}:length")
+    assert fn(["a", "b"], ["xy", ""]) == [2.0, 0.0]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert make_reward("my_reward:length")(["a"], ["abc"]) == [3.0]
+
+
+@pytest.mark.parametrize("spec,match", [("nope", "expected one of"), ("missing_file.py:f", "existing Python file"),
+                                        ("fastrlhf_no_such_module:f", "cannot import"),
+                                        ("fastrlhf.tasks:no_such_fn", "expected a function")])
+def test_bad_reward_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_callable(spec)
+
+
+def _tiny_reward_model(path, num_labels=2):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=num_labels,
+                      max_position_embeddings=64)
+    model = LlamaForSequenceClassification(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_reward_model_scores_last_token_logit(tmp_path):
+    model = _tiny_reward_model(tmp_path / "rm")
+    tok = CharTokenizer()
+    rm = make_reward(None, reward_model=str(tmp_path / "rm"), reward_label=1, tokenizer=tok)
+    assert isinstance(rm, RewardModel)
+    prompts, responses = ["1+2=", "hello "], ["3", "world, long answer"]
+    got = rm(prompts, responses)
+    for p, r, g in zip(prompts, responses, got):   # one row at a time: no padding involved
+        ids = torch.tensor([tok.encode(p + r)])
+        with torch.no_grad():
+            want = model(input_ids=ids).logits[0, 1].item()
+        assert g == pytest.approx(want, abs=1e-4)
+
+
+def test_reward_model_label_out_of_range(tmp_path):
+    _tiny_reward_model(tmp_path / "rm")
+    with pytest.raises(ValueError, match="reward_label"):
+        RewardModel(tmp_path / "rm", label=2, fallback_tokenizer=CharTokenizer())
+
+
+def test_scores_tensor_checks():
+    assert scores_tensor([1, 2], 2, "cpu").dtype == torch.float32
+    with pytest.raises(ValueError, match="expected 3 scores"):
+        scores_tensor([1.0], 3, "cpu")
+    with pytest.raises(ValueError, match="finite"):
+        scores_tensor([float("nan")], 1, "cpu")
