@@ -162,10 +162,12 @@ class _TorchRows:
 
     @staticmethod
     def grad(state, g_lp, g_ent, temperature):
-        """dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ p z)) / τ, float32 [n, V], written over z."""
+        """dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ p z)) / τ, float32 [n, V], written over z.
+        Rows whose label is ignored have ℓ ≡ 0, so their gℓ is dropped."""
         z, p, pz, valid, safe = state
+        g_lp = torch.where(valid, g_lp, torch.zeros_like(g_lp))
         dz = z.sub_(pz[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]).mul_(p).neg_()
-        dz.scatter_add_(-1, safe[:, None], torch.where(valid, g_lp, torch.zeros_like(g_lp))[:, None])
+        dz.scatter_add_(-1, safe[:, None], g_lp[:, None])
         return dz.div_(temperature) if temperature != 1.0 else dz
 
 
