@@ -152,19 +152,6 @@ def three_gemms(inputs):
     return run
 
 
-def peak_mib(fn, device):
-    """harness.peak_extra_mib, on CPU with one intra-op thread: the forked child would otherwise wait
-    forever on the parent's OpenMP thread pool (GNU OpenMP is not fork-safe once its pool exists)."""
-    if device.type != "cpu":
-        return harness.peak_extra_mib(fn, device=device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return harness.peak_extra_mib(fn, device=device)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def bench_shape(shape, device, dtype, compile_ok):
     B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
     inputs = make_inputs(B, T, H, V, device, dtype)
@@ -172,7 +159,7 @@ def bench_shape(shape, device, dtype, compile_ok):
     rep = 3 if device.type == "cpu" else 10
     results = []
     floor_ms = harness.time_ms(three_gemms(inputs), warmup=1, rep=rep, device=device)
-    floor_mem = peak_mib(three_gemms(inputs), device)
+    floor_mem = harness.peak_extra_mib(three_gemms(inputs), device=device)
     results.append(harness.result("three_gemms", "torch", desc, floor_ms, floor_mem,
                                   flops=6 * B * T * H * V))
     for op, impls in (("policy_loss", policy_loss_impls(inputs, device, compile_ok)),
@@ -181,7 +168,8 @@ def bench_shape(shape, device, dtype, compile_ok):
             try:
                 ms = harness.time_ms(fn, warmup=1, rep=rep, device=device)
                 # Inductor's CPU kernels fix their OpenMP team size at compile time: no fork-safe way
-                mem = None if (name == "torch.compile" and device.type == "cpu") else peak_mib(fn, device)
+                skip_mem = name == "torch.compile" and device.type == "cpu"
+                mem = None if skip_mem else harness.peak_extra_mib(fn, device=device)
             except Exception as exc:  # a baseline that does not support this shape/device: record why
                 results.append(harness.result(op, name, desc, float("nan"), None,
                                               error=f"{type(exc).__name__}: {exc}"[:300]))

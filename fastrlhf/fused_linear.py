@@ -5,8 +5,8 @@ Shapes: hidden [..., H] (N tokens once flattened), weight [V, H] (the output lay
 to the input embedding), bias [V] or None, logits x = hidden @ weightᵀ + bias.
 
 The algorithm is the same on every device, in plain PyTorch GEMMs plus the row core
-`ops.impl("policy_rows", device)` (Triton on CUDA, `ref.policy_rows` elsewhere). Tokens are
-processed in chunks of `rows`; per chunk
+`ops.impl("policy_rows", device)` (the Triton kernel on CUDA; on the torch backend an in-place
+version of `ref.policy_rows`, `_TorchRows`). Tokens are processed in chunks of `rows`; per chunk
 
     x   = h @ Wᵀ + b                        [rows, V], the only vocabulary-sized buffers
     ℓ, H, KL, dz = row core(x)              dz = ∂(Σ_t w_t·loss_t)/∂x, known in forward
@@ -34,8 +34,9 @@ import torch
 from . import ops, ref
 from .ops import _check_float, _check_labels, _check_same
 
-# One float32 [rows, V] buffer of the row core fits in this budget (the torch row core holds ~6
-# such buffers at its peak, so a CPU chunk costs ~100 MiB whatever N is).
+# One float32 [rows, V] buffer of the row core fits in this budget (the torch row core holds 2 such
+# buffers plus short-lived [rows] vectors, so a CPU chunk costs ~32 MiB whatever N is; measured peak
+# extra memory at N=4096, H=256, V=65536: ~180 MiB including the 64 MiB grad_W).
 CPU_CHUNK_BYTES = 16 * 2**20
 CUDA_CHUNK_BYTES = 128 * 2**20
 # grad_W is accumulated in float32 by default from this vocabulary size on (issue 3: precision
@@ -134,37 +135,54 @@ class _TorchRows:
         self.z = torch.empty(rows, vocab, dtype=torch.float32, device=device)
         self.p = torch.empty_like(self.z)
 
-    def softmax(self, h, weight, bias, temperature):
-        """h [n, H] -> (z = x/τ − max_v, p = softmax(x/τ), log Σ_v e^{z_v}), views of the buffers."""
-        n = h.shape[0]
-        z, p = self.z[:n], self.p[:n]
+    def logits(self, h, weight, bias, temperature):
+        """h [n, H] -> z = (h Wᵀ + b)/τ, float32 [n, V], a view of the z buffer."""
+        z = self.z[:h.shape[0]]
         if h.dtype == torch.float32:
             torch.mm(h, weight.t(), out=z) if bias is None else torch.addmm(bias, h, weight.t(), out=z)
         else:
             z.copy_(_logits(h, weight, bias))
-        if temperature != 1.0:
-            z.div_(temperature)
-        z.sub_(z.amax(-1, keepdim=True))
+        return z.div_(temperature) if temperature != 1.0 else z
+
+    def softmax(self, h, weight, bias, temperature):
+        """h [n, H] -> (z − max_v z, p = softmax(z), log Σ_v e^{z_v − max}, max_v z), z = x/τ."""
+        z = self.logits(h, weight, bias, temperature)
+        p = self.p[:h.shape[0]]
+        zmax = z.amax(-1, keepdim=True)
+        z.sub_(zmax)
         torch.exp(z, out=p)
         s = p.sum(-1)
         p.div_(s[:, None])
-        return z, p, torch.log(s)
+        return z, p, torch.log(s), zmax.view(-1)
+
+    @staticmethod
+    def _labels(labels, vocab, ignore_index):
+        valid = (labels >= 0) & (labels < vocab) & (labels != ignore_index)
+        return valid, torch.where(valid, labels, torch.zeros_like(labels))
 
     def stats(self, h, weight, bias, labels, temperature, ignore_index):
-        """-> (ℓ [n], H [n], state for `grad`); ℓ = 0 where the label is ignore_index / out of range."""
-        z, p, lse = self.softmax(h, weight, bias, temperature)
+        """-> (ℓ [n], H [n], lse [n], state for `grad`); ℓ = 0 where the label is ignored / out of range."""
+        z, p, lse, zmax = self.softmax(h, weight, bias, temperature)
         pz = torch.bmm(p[:, None, :], z[:, :, None]).view(-1)              # Σ_v p_v z_v, no temporary
-        valid = (labels >= 0) & (labels < z.shape[1]) & (labels != ignore_index)
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        valid, safe = self._labels(labels, z.shape[1], ignore_index)
         lp = torch.where(valid, z.gather(-1, safe[:, None]).squeeze(-1) - lse, torch.zeros_like(lse))
-        return lp, lse - pz, (z, p, pz, valid, safe)
+        return lp, lse - pz, lse + zmax, (z, p, pz, valid, safe)
+
+    def recompute(self, h, weight, bias, labels, lse, entropy, temperature, ignore_index):
+        """`stats`' state from the saved lse and H: p = e^{z − lse}, Σ p z = lse − H (one exp pass)."""
+        z = self.logits(h, weight, bias, temperature)
+        p = torch.sub(z, lse[:, None], out=self.p[:h.shape[0]]).exp_()
+        valid, safe = self._labels(labels, z.shape[1], ignore_index)
+        return z, p, lse - entropy, valid, safe
 
     @staticmethod
     def grad(state, g_lp, g_ent, temperature):
-        """dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ p z)) / τ, float32 [n, V], written over z."""
+        """dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ p z)) / τ, float32 [n, V], written over z.
+        Rows whose label is ignored have ℓ ≡ 0, so their gℓ is dropped."""
         z, p, pz, valid, safe = state
+        g_lp = torch.where(valid, g_lp, torch.zeros_like(g_lp))
         dz = z.sub_(pz[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]).mul_(p).neg_()
-        dz.scatter_add_(-1, safe[:, None], torch.where(valid, g_lp, torch.zeros_like(g_lp))[:, None])
+        dz.scatter_add_(-1, safe[:, None], g_lp[:, None])
         return dz.div_(temperature) if temperature != 1.0 else dz
 
 
@@ -182,6 +200,7 @@ def _token_grads(lp, ent, wts, adv, old, ref_lp, cfg):
 
 # ----------------------------------------------------------------------------
 # Log-probs (and entropy) of the labels: forward one GEMM pass, backward recomputes chunk logits
+# (the torch row core saves lse and H per token, so its backward needs one exp pass per chunk)
 # ----------------------------------------------------------------------------
 
 def _logprobs_pass(hidden2d, weight, bias, labels, temperature, ignore_index, rows):
@@ -190,30 +209,31 @@ def _logprobs_pass(hidden2d, weight, bias, labels, temperature, ignore_index, ro
     torch_rows = _TorchRows(rows, weight.shape[0], hidden2d.device) if fn is ref.logprobs_and_entropy else None
     lp = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
     ent = torch.empty_like(lp)
+    lse = torch.empty_like(lp) if torch_rows is not None else None
     with torch.no_grad():
         for s in range(0, n, rows):
             e = min(n, s + rows)
             if torch_rows is not None:
-                lp[s:e], ent[s:e], _ = torch_rows.stats(hidden2d[s:e], weight, bias, labels[s:e], temperature,
-                                                        ignore_index)
+                lp[s:e], ent[s:e], lse[s:e], _ = torch_rows.stats(hidden2d[s:e], weight, bias, labels[s:e],
+                                                                  temperature, ignore_index)
             else:
                 lp[s:e], ent[s:e] = fn(_logits(hidden2d[s:e], weight, bias), labels[s:e],
                                        temperature=temperature, ignore_index=ignore_index)
-    return lp, ent
+    return lp, ent, lse
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, temperature, ignore_index, rows, accum_fp32):
-        lp, ent = _logprobs_pass(hidden2d, weight, bias, labels, temperature, ignore_index, rows)
-        ctx.save_for_backward(hidden2d, weight, bias, labels)
+        lp, ent, lse = _logprobs_pass(hidden2d, weight, bias, labels, temperature, ignore_index, rows)
+        ctx.save_for_backward(hidden2d, weight, bias, labels, ent, lse)
         ctx.args = (temperature, ignore_index, rows, accum_fp32)
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        hidden2d, weight, bias, labels = ctx.saved_tensors
+        hidden2d, weight, bias, labels, entropy, lse = ctx.saved_tensors
         temperature, ignore_index, rows, accum_fp32 = ctx.args
         n = hidden2d.shape[0]
         zeros = torch.zeros(n, dtype=torch.float32, device=hidden2d.device)
@@ -221,12 +241,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         g_ent = zeros if g_ent is None else g_ent.float()
         grads = _Grads(hidden2d, weight, bias, ctx.needs_input_grad[:3], accum_fp32)
         fn = ops.impl("logprobs_and_entropy", hidden2d.device)
-        torch_rows = _TorchRows(rows, weight.shape[0], hidden2d.device) if fn is ref.logprobs_and_entropy else None
+        torch_rows = _TorchRows(rows, weight.shape[0], hidden2d.device) if lse is not None else None
         for s in range(0, n, rows):
             e = min(n, s + rows)
             h = hidden2d[s:e]
             if torch_rows is not None:
-                _, _, state = torch_rows.stats(h, weight, bias, labels[s:e], temperature, ignore_index)
+                state = torch_rows.recompute(h, weight, bias, labels[s:e], lse[s:e], entropy[s:e], temperature,
+                                             ignore_index)
                 dz = torch_rows.grad(state, g_lp[s:e], g_ent[s:e], temperature)
             else:  # the dispatched op's own backward
                 with torch.enable_grad():
@@ -260,7 +281,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     if any(_needs(hidden, weight, bias)):
         lp, ent = _FusedLinearLogprobs.apply(hidden2d, weight, bias, labels1d, *args, accum_fp32)
     else:
-        lp, ent = _logprobs_pass(hidden2d, weight, bias, labels1d, *args)
+        lp, ent, _ = _logprobs_pass(hidden2d, weight, bias, labels1d, *args)
     lp, ent = lp.view(labels.shape), ent.view(labels.shape)
     return (lp, ent) if return_entropy else lp
 
@@ -278,7 +299,7 @@ def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
     with torch.no_grad():
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            _, p, _ = torch_rows.softmax(hidden2d[s:e], weight, bias, temperature)
+            _, p, _, _ = torch_rows.softmax(hidden2d[s:e], weight, bias, temperature)
             pbar.index_add_(0, pos[s:e], p.mul_(wpos[s:e, None]))
     n_pos = (torch.zeros(T, device=wpos.device).index_add_(0, pos, wpos) > 0).sum().float().clamp_min(1.0)
     logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
@@ -308,7 +329,7 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
             e = min(n, s + rows)
             h = hidden2d[s:e]
             if torch_rows is not None:
-                lp[s:e], ent[s:e], state = torch_rows.stats(h, weight, bias, labels[s:e], cfg.temperature, -100)
+                lp[s:e], ent[s:e], _, state = torch_rows.stats(h, weight, bias, labels[s:e], cfg.temperature, -100)
                 t, kl[s:e], g_lp, g_ent = _token_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e], old[s:e],
                                                        ref_lp[s:e], cfg)
                 dz = None if grads is None else torch_rows.grad(state, g_lp, g_ent, cfg.temperature)

@@ -65,6 +65,17 @@ def make_inputs(dtype, *, bias=True, mask_p=0.7, b=B, t=T, h=H, v=V, scale=1.0):
     return cast, labels, mask, adv, old, rf
 
 
+@pytest.fixture(params=["torch-rows", "dispatched"])
+def row_core(request, monkeypatch):
+    """"torch-rows": the fused path's in-place torch row core (what the torch backend runs);
+    "dispatched": the path a Triton backend takes, the row core / log-prob op returned by ops.impl
+    (here the reference functions, wrapped so they are not recognized as the torch backend)."""
+    if request.param == "dispatched":
+        real = ops.impl
+        monkeypatch.setattr(ops, "impl", lambda op, device: (lambda *a, **k: real(op, device)(*a, **k)))
+    return request.param
+
+
 def leaves(tensors, dtype):
     return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
 
@@ -100,7 +111,7 @@ KNOBS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("algo", ["ppo", "apa"])
 @pytest.mark.parametrize("chunk", [5, None])
-def test_policy_loss_matches_float64(dtype, algo, chunk):
+def test_policy_loss_matches_float64(dtype, algo, chunk, row_core):
     (h, w, b), labels, mask, adv, old, rf = make_inputs(dtype)
     knobs = KNOBS[algo]
     up = 1.7                                                          # non-unit upstream gradient
@@ -142,7 +153,7 @@ def test_policy_loss_all_masked_and_no_bias(chunk):
     assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
 
 
-def test_policy_loss_some_rows_all_masked():
+def test_policy_loss_some_rows_all_masked(row_core):
     """Whole sequences and whole positions masked (batch entropy skips empty positions)."""
     (h, w, b), labels, mask, adv, old, rf = make_inputs(torch.float32)
     mask[1] = 0
@@ -191,7 +202,7 @@ def test_backward_twice_raises():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_logprobs_matches_float64(dtype, bias):
+def test_logprobs_matches_float64(dtype, bias, row_core):
     (h, w, b), labels, _, _, _, _ = make_inputs(dtype, bias=bias)
     labels[0, :3] = -1                                              # ignore_index
     tau = 0.8
