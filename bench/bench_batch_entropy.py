@@ -11,7 +11,6 @@ PyTorch reference (fastrlhf.ops): CPU figures only check that the script works.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -33,12 +32,8 @@ def eager_batch_entropy(logits, mask):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu-sizes", action="store_true", help="the issue's GPU shapes (default when CUDA is present)")
-    args = parser.parse_args(argv)
+    args = harness.arg_parser(__doc__).parse_args(argv)
     device = harness.default_device()
-    if device.type == "cpu":
-        torch.set_num_threads(1)    # harness.peak_extra_mib forks: OpenMP worker threads would deadlock the child
     gpu = device.type == "cuda" or args.gpu_sizes
     dtype = torch.bfloat16
     copy_bw = harness.copy_bandwidth_gbs(device)

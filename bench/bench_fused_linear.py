@@ -19,7 +19,6 @@ Peak memory is the extra memory over the inputs (harness.peak_extra_mib).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -185,8 +184,7 @@ def bench_shape(shape, device, dtype, compile_ok):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu-sizes", action="store_true", help="the issue's GPU shapes (needs CUDA)")
+    parser = harness.arg_parser(__doc__)
     parser.add_argument("--cpu-target", action="store_true", help="the issue's CPU target shape")
     parser.add_argument("--compile", action="store_true",
                         help="also the torch.compile baseline on CPU (always on CUDA; slow to compile on CPU)")

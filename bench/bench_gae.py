@@ -5,7 +5,6 @@ sizes (B=256, T in {512, 2048, 8192}; target >= 1000x the loop at T=2048 and wit
 bandwidth floor) when CUDA is present or with --gpu-sizes. Floor = bytes of r, V, mask read once and
 A, R written once (5 * B * T * 4) over the measured copy bandwidth.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -48,18 +47,8 @@ def torch_vectorized(rewards, values, mask, W, gamma=GAMMA):
     return adv, (adv + v) * mask
 
 
-def _single_threaded(fn, device):
-    """On CPU harness.peak_extra_mib runs fn in a forked child, where an OpenMP pool inherited from
-    the parent deadlocks: run it on one thread there (the memory peak does not depend on threads)."""
-    if device.type == "cuda":
-        return fn
-    return lambda: (torch.set_num_threads(1), fn())
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--gpu-sizes", action="store_true")
-    args = parser.parse_args(argv)
+    args = harness.arg_parser(__doc__).parse_args(argv)
     device = harness.default_device()
     gpu = device.type == "cuda" or args.gpu_sizes
     shapes = [(256, 512), (256, 2048), (256, 8192)] if gpu else [(64, 256), (64, 1024)]
@@ -82,7 +71,7 @@ def main(argv=None):
         for impl, fn in impls.items():
             rep = 3 if impl == "trl" else 10
             times[impl] = harness.time_ms(fn, warmup=1, rep=rep, device=device)
-            mem = harness.peak_extra_mib(_single_threaded(fn, device), device=device)
+            mem = harness.peak_extra_mib(fn, device=device)
             results.append(harness.result("gae", impl, {"B": B, "T": T}, times[impl], mem,
                                           floor_ms=floor_ms, x_floor=times[impl] / floor_ms))
         for r in results[-3:]:

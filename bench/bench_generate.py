@@ -7,7 +7,6 @@ GPU (or --gpu-sizes): a Qwen2.5-0.5B-shaped model with random weights, bf16, bat
 context length) / measured copy bandwidth; tokens/s floor = B / that time.
 CPU: a tiny Qwen2 model (smoke run).
 """
-import argparse
 import statistics
 import sys
 import time
@@ -46,9 +45,7 @@ def wall_ms(fn, device, warmup=1, rep=3):
 
 def main(argv=None):
     from transformers import Qwen2ForCausalLM
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--gpu-sizes", action="store_true")
-    args = parser.parse_args(argv)
+    args = harness.arg_parser(__doc__).parse_args(argv)
     device = harness.default_device()
     gpu = device.type == "cuda" or args.gpu_sizes
     cfg = qwen_config(gpu)

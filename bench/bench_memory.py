@@ -30,7 +30,6 @@ run where it is.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import string
@@ -161,8 +160,7 @@ def harness_sync(device: torch.device) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gpu-sizes", action="store_true", help="the issue's GPU cases (default when CUDA is present)")
+    p = harness.arg_parser(__doc__)
     p.add_argument("--algos", default="apa,ppo")
     p.add_argument("--models", default="llama-3-8b,qwen2.5-0.5b", help="GPU cases to run (comma-separated)")
     args = p.parse_args(argv)

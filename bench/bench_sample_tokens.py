@@ -5,7 +5,6 @@ multinomial), impl "torch".
 Logits ~ N(0, 1) * 4 (a peaked distribution, the nucleus at p=0.9 is a few thousand tokens).
 Batch {8, 64, 256} on GPU (or --gpu-sizes), {8} on CPU.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,17 +21,8 @@ SETTINGS = [dict(temperature=0.8, top_k=0, top_p=0.9), dict(temperature=0.8, top
             dict(temperature=1.0, top_k=0, top_p=1.0)]
 
 
-def _single_threaded(fn, device):
-    """harness.peak_extra_mib forks on CPU; an inherited OpenMP pool deadlocks there: one thread."""
-    if device.type == "cuda":
-        return fn
-    return lambda: (torch.set_num_threads(1), fn())
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--gpu-sizes", action="store_true")
-    args = parser.parse_args(argv)
+    args = harness.arg_parser(__doc__).parse_args(argv)
     device = harness.default_device()
     batches = [8, 64, 256] if device.type == "cuda" or args.gpu_sizes else [8]
     results = []
@@ -45,7 +35,7 @@ def main(argv=None):
             times = {}
             for impl, fn in impls.items():
                 times[impl] = harness.time_ms(fn, warmup=1, rep=5, device=device)
-                mem = harness.peak_extra_mib(_single_threaded(fn, device), device=device)
+                mem = harness.peak_extra_mib(fn, device=device)
                 results.append(harness.result("sample_tokens", impl, {"B": B, "V": V, **s}, times[impl], mem))
             for r in results[-2:]:
                 r["speedup_vs_torch"] = times["torch"] / r["ms"]

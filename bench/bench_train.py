@@ -15,7 +15,6 @@ TRL's PPOTrainer is the comparison the issue asks for; it is measured only when 
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import json
@@ -96,8 +95,7 @@ def run_algo(algo: str, directory: Path, out: Path, s: dict, steps: int, device:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gpu-sizes", action="store_true", help="the issue's sizes even without CUDA (slow)")
+    p = harness.arg_parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="RL steps per algorithm [default: 4 GPU, 2 CPU]")
     args = p.parse_args(argv)
     device = harness.default_device()

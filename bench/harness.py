@@ -12,6 +12,7 @@ CPU timings are noisy: report medians and ratios (DESIGN §5). On CUDA, times co
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -47,6 +48,14 @@ def device_info() -> dict:
     else:
         device = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     return {"device": device, "torch": torch.__version__, "triton": triton_version, "commit": commit}
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every bench script takes; scripts add their own."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser.add_argument("--gpu-sizes", action="store_true",
+                        help="the issue's GPU shapes (the default when CUDA is present)")
+    return parser
 
 
 def default_device() -> torch.device:
