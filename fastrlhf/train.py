@@ -351,6 +351,21 @@ def micro_batch_loss(run: Run, roll: dict, idx: torch.Tensor, loss_cfg):
                   "approx_kl": out["approx_kl"], "value_clip_frac": v_stats["value_clip_frac"]}
 
 
+def accumulate_gradients(run: Run, roll: dict, mini: torch.Tensor, loss_cfg) -> list:
+    """Backward of one mini-batch (rows `mini` of the rollout), micro-batch by micro-batch.
+
+    The loss is the masked mean over all response tokens of the mini-batch: each micro-batch's masked
+    mean is weighted by its share of those tokens, so the gradient does not depend on the micro-batch size.
+    """
+    stats = []
+    tokens = roll["mask"][mini].sum().clamp_min(1)
+    for idx in mini.split(run.micro_batch):
+        loss, s = micro_batch_loss(run, roll, idx, loss_cfg)
+        (loss * (roll["mask"][idx].sum() / tokens)).backward()
+        stats.append({"loss": loss.detach(), **s})
+    return stats
+
+
 def update(run: Run, roll: dict) -> dict:
     cfg = run.cfg
     B = roll["input_ids"].shape[0]
@@ -363,11 +378,7 @@ def update(run: Run, roll: dict) -> dict:
         order = torch.randperm(B, generator=run.shuffle_gen).to(run.device)
         for mini in order.split(per_step):
             run.optimizer.zero_grad(set_to_none=True)
-            micros = mini.split(run.micro_batch)
-            for idx in micros:
-                loss, s = micro_batch_loss(run, roll, idx, loss_cfg)
-                (loss / len(micros)).backward()
-                stats.append({"loss": loss.detach(), **s})
+            stats += accumulate_gradients(run, roll, mini, loss_cfg)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
             grad_norms.append(norm)
             run.optimizer.step()

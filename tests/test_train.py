@@ -182,6 +182,27 @@ def test_update_loss_ignores_padding_columns(tmp_path):
     assert all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
 
 
+def test_gradient_does_not_depend_on_micro_batch_size(tmp_path):
+    """The update's loss is the masked mean over all tokens of the mini-batch, also when its
+    micro-batches hold different numbers of response tokens."""
+    from fastrlhf.config import parse_args
+    run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "6", "--entropy_coef", "0.01")))
+    roll = train.rollout(run, run.task.sample(6, run.data_rng))
+    roll["mask"][0, 1:] = 0                                       # uneven response lengths
+    roll["mask"][3, 2:] = 0
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    cfg = train.loss_config(run)
+    grads = []
+    for micro in (6, 4, 1):
+        run.micro_batch = micro
+        run.optimizer.zero_grad(set_to_none=True)
+        train.accumulate_gradients(run, roll, torch.arange(6), cfg)
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+    assert grads[0].abs().max() > 0
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_generation_in_chunks_pads_to_the_longest_response(tmp_path):
     """What a memory plan does on a GPU (generation in chunks, smaller micro-batches), forced on the CPU."""
     from fastrlhf.config import parse_args
