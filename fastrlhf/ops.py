@@ -260,7 +260,8 @@ def make_loss_config(*, algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2
 
 def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, *, algo="ppo",
                             temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None, adv_coeff=10.0,
-                            entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3", batch_entropy_coef=0.0):
+                            entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3", batch_entropy_coef=0.0,
+                            inplace=False):
     """The one call a trainer needs per micro-batch.
 
     logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
@@ -268,6 +269,8 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
            − batch_entropy_coef·H_batch.
     Returns (loss, out): out has detached per-token `logprobs`, `entropy`, `kl` and scalar stats
     (`clip_frac`, `approx_kl`, `entropy_mean`, `kl_mean`, `num_tokens`, `nonfinite_tokens`, ...).
+    The logits gradient is computed in the forward pass; inplace=True writes it over `logits` (saves one
+    [N, V] buffer; `logits` must be contiguous and is garbage afterwards; not with batch_entropy_coef).
     """
     cfg = make_loss_config(algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
                            dual_clip=dual_clip, adv_coeff=adv_coeff, entropy_coef=entropy_coef,
@@ -282,8 +285,13 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
         _check_same(name, t, shape, logits.device)
     if batch_entropy_coef and logits.dim() != 3:
         raise ValueError(f"logits: batch_entropy_coef needs 3 dims [B, T, V], got shape {tuple(logits.shape)}")
+    if inplace and batch_entropy_coef:
+        raise ValueError(f"inplace: expected False with batch_entropy_coef={batch_entropy_coef} (batch entropy "
+                         f"re-reads the logits in backward), got True")
+    if inplace and not logits.is_contiguous():
+        raise ValueError(f"inplace: expected contiguous logits, got strides {logits.stride()}")
     fn = impl("policy_loss_from_logits", logits.device)
-    return fn(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg)
+    return fn(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg, inplace=inplace)
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):

@@ -333,12 +333,13 @@ class _PolicyLossFromLogits(torch.autograd.Function):
     """Σ_t w_t·loss_t over logits2d [N, V] with dz computed in forward; backward is a scale."""
 
     @staticmethod
-    def forward(ctx, logits2d, labels, weight, advantages, old_logprobs, ref_logprobs, cfg):
+    def forward(ctx, logits2d, labels, weight, advantages, old_logprobs, ref_logprobs, cfg, inplace):
         n, v = logits2d.shape
         lp = torch.empty(n, dtype=torch.float32, device=logits2d.device)
         ent, kl = torch.empty_like(lp), torch.empty_like(lp)
         total = torch.zeros((), dtype=torch.float32, device=logits2d.device)
-        grad = torch.empty_like(logits2d) if logits2d.requires_grad else None
+        # inplace: each chunk's gradient overwrites that chunk of the logits once it has been read
+        grad = (logits2d if inplace else torch.empty_like(logits2d)) if logits2d.requires_grad else None
         for s, e in _row_chunks(n, v):
             lp[s:e], ent[s:e], kl[s:e], t, dz = policy_rows(
                 logits2d[s:e], labels[s:e], weight[s:e], advantages[s:e], old_logprobs[s:e],
@@ -353,14 +354,16 @@ class _PolicyLossFromLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, *_):
         (grad,) = ctx.saved_tensors
-        return grad * g_total.to(grad.dtype), None, None, None, None, None, None
+        return grad * g_total.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
+def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: LossConfig, *,
+                            inplace=False):
     """loss = masked mean of (policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch.
 
     logits [..., V] (batch entropy needs [B, T, V]); the other tensors [...]. Returns (loss, out)
-    with out holding detached per-token `logprobs`, `entropy`, `kl` and scalar stats.
+    with out holding detached per-token `logprobs`, `entropy`, `kl` and scalar stats. inplace=True
+    writes the logits gradient over `logits` (checked by `fastrlhf.ops`: contiguous logits, no batch entropy).
     """
     v = logits.shape[-1]
     m = mask.reshape(-1).float()
@@ -368,7 +371,7 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     labels2d = torch.where(m > 0, labels.reshape(-1).long(), torch.full_like(labels.reshape(-1).long(), -100))
     loss, lp, ent, kl = _PolicyLossFromLogits.apply(
         logits.reshape(-1, v), labels2d, weight, advantages.reshape(-1).float(),
-        old_logprobs.reshape(-1).float(), ref_logprobs.reshape(-1).float(), cfg)
+        old_logprobs.reshape(-1).float(), ref_logprobs.reshape(-1).float(), cfg, inplace)
     out = _loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask,
                         old_logprobs, ref_logprobs, advantages, cfg)
     if cfg.batch_entropy_coef:

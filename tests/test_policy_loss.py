@@ -214,3 +214,26 @@ def test_backward_scale(g):
     got = P.scale_(dz, torch.tensor(g))
     assert got.data_ptr() == dz.data_ptr()
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_public_inplace_option_matches_out_of_place(backend):
+    """F.policy_loss_from_logits(..., inplace=True): same loss and logits gradient, on both paths."""
+    x, labels, mask, adv, old, ref_lp = _inputs(2, 4, 30, torch.float32)
+    kw = dict(entropy_coef=0.1, kl_coef=0.1, temperature=0.9)
+    with F.use_backend(backend):
+        xa = x.clone().requires_grad_()
+        loss_a, _ = F.policy_loss_from_logits(xa, labels, mask, adv, old, ref_lp, **kw)
+        (loss_a * 1.5).backward()
+        xb = x.clone().requires_grad_()
+        loss_b, _ = F.policy_loss_from_logits(xb, labels, mask, adv, old, ref_lp, inplace=True, **kw)
+        (loss_b * 1.5).backward()
+        assert not torch.equal(xb.detach(), x)                        # the buffer was overwritten
+        with pytest.raises(ValueError, match="inplace: expected False with batch_entropy_coef"):
+            F.policy_loss_from_logits(x, labels, mask, adv, old, ref_lp, inplace=True,
+                                             batch_entropy_coef=0.1)
+        with pytest.raises(ValueError, match="inplace: expected contiguous logits"):
+            F.policy_loss_from_logits(x.transpose(0, 1), labels.T, mask.T, adv.T, old.T, ref_lp.T,
+                                             inplace=True)
+    torch.testing.assert_close(loss_b, loss_a)
+    torch.testing.assert_close(xb.grad, xa.grad)
