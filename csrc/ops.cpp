@@ -23,6 +23,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -30,19 +32,6 @@
 #include <vector>
 
 namespace fastrlhf {
-
-static void check_gae(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask) {
-  TORCH_CHECK(rewards.dim() == 2, "gae: rewards: expected 2 dims [B, T], got ", rewards.sizes());
-  TORCH_CHECK(values.sizes() == rewards.sizes(), "gae: values: expected shape ", rewards.sizes(), ", got ",
-              values.sizes());
-  TORCH_CHECK(mask.sizes() == rewards.sizes(), "gae: mask: expected shape ", rewards.sizes(), ", got ",
-              mask.sizes());
-  for (const auto* t : {&rewards, &values, &mask}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "gae: expected float32 rewards, values and mask, got ",
-                t->scalar_type());
-    TORCH_CHECK(t->is_contiguous(), "gae: expected contiguous rewards, values and mask");
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {

@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "ops.h"
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -97,23 +99,10 @@ gae_kernel(const float* __restrict__ rewards, const float* __restrict__ values, 
   }
 }
 
-static void check_gae(const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask) {
-  TORCH_CHECK(rewards.dim() == 2, "gae: rewards: expected 2 dims [B, T], got ", rewards.sizes());
-  TORCH_CHECK(values.sizes() == rewards.sizes(), "gae: values: expected shape ", rewards.sizes(), ", got ",
-              values.sizes());
-  TORCH_CHECK(mask.sizes() == rewards.sizes(), "gae: mask: expected shape ", rewards.sizes(), ", got ",
-              mask.sizes());
-  for (const auto* t : {&rewards, &values, &mask}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "gae: expected float32 rewards, values and mask, got ",
-                t->scalar_type());
-    TORCH_CHECK(t->is_contiguous() && t->is_cuda(), "gae: expected contiguous CUDA rewards, values and mask");
-    TORCH_CHECK(t->device() == rewards.device(), "gae: expected rewards, values and mask on one device");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam) {
   check_gae(rewards, values, mask);
+  TORCH_CHECK(rewards.is_cuda(), "gae: expected CUDA rewards, values and mask, got ", rewards.device());
   const c10::cuda::CUDAGuard guard(rewards.device());
   auto adv = at::empty_like(rewards);
   auto ret = at::empty_like(rewards);
