@@ -37,35 +37,35 @@ def _row_chunks(n_rows: int, vocab: int):
 # ----------------------------------------------------------------------------
 
 def _row_stats_chunk(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
-    """x [n, V] any float dtype, labels [n] int64 -> (ℓ [n], H [n], p [n, V], z [n, V]) all float32.
+    """x [n, V] any float dtype, labels [n] int64 -> (ℓ [n], H [n], p [n, V], p log p [n, V], valid [n]),
+    float32.
 
-    ℓ is 0 where labels == ignore_index (or is out of [0, V), which callers have
-    already restricted to masked positions).
+    log p = log_softmax(x/τ), H = −Σ p log p (equal to lse − Σ p z). log p is clamped at the float32
+    minimum before the product so that 0·log 0 = 0 at −inf logits (a masked vocabulary), while a NaN row
+    stays NaN. ℓ is 0 where labels == ignore_index (or is out of [0, V), which callers have already
+    restricted to masked positions).
     """
-    z = x.float() / temperature
-    lse = torch.logsumexp(z, dim=-1)                       # [n]
-    p = torch.exp(z - lse[:, None])                        # [n, V]
-    # Σ p z computed with 0·(−inf) = 0 so that rows holding −inf logits (masked vocab) stay finite.
-    pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
-    entropy = lse - pz
+    logp = torch.log_softmax(x.float() / temperature, dim=-1)
     valid = (labels >= 0) & (labels < x.shape[-1]) & (labels != ignore_index)
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    logprob = z.gather(-1, safe[:, None]).squeeze(-1) - lse
-    logprob = torch.where(valid, logprob, torch.zeros_like(logprob))
-    return logprob, entropy, p, z, valid
+    logprob = torch.where(valid, logp.gather(-1, safe[:, None]).squeeze(-1), torch.zeros((), device=x.device))
+    p = logp.exp()
+    plogp = logp.clamp_(min=torch.finfo(torch.float32).min).mul_(p)     # in place: logp is not needed again
+    entropy = -plogp.sum(-1)
+    return logprob, entropy, p, plogp, valid
 
 
-def _row_grad_chunk(p, z, labels, valid, g_logprob, g_entropy, temperature):
-    """dz for one chunk: (gℓ·(onehot(y) − p) + gH·(−p ⊙ (z − Σpz))) / τ, float32 [n, V].
+def _row_grad_chunk(p, plogp, entropy, labels, valid, g_logprob, g_entropy, temperature):
+    """dz for one chunk, float32 [n, V]: (gℓ·(onehot(y) − p) + gH·(−p ⊙ (z − Σpz))) / τ,
+    with z − Σ p z = log p + H, so dz·τ = −(gℓ + gH·H)·p − gH·p log p + gℓ·onehot(y).
 
     Rows whose label is ignored have ℓ ≡ 0, so their gℓ is dropped."""
     g_logprob = torch.where(valid, g_logprob, torch.zeros_like(g_logprob))
-    pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1, keepdim=True)
-    zc = torch.where(p > 0, z - pz, torch.zeros_like(z))
-    grad = -(g_logprob[:, None] * p) - g_entropy[:, None] * p * zc
+    grad = plogp * -g_entropy[:, None]
+    grad.sub_(p * (g_logprob + g_entropy * entropy)[:, None])
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     grad.scatter_add_(-1, safe[:, None], g_logprob[:, None])
-    return grad / temperature
+    return grad.div_(temperature)
 
 
 class _RowStats(torch.autograd.Function):
@@ -92,8 +92,9 @@ class _RowStats(torch.autograd.Function):
         g_entropy = zeros if g_entropy is None else g_entropy.float()
         grad = torch.empty_like(logits2d)
         for s, e in _row_chunks(n, v):
-            _, _, p, z, valid = _row_stats_chunk(logits2d[s:e], labels[s:e], ctx.temperature, ctx.ignore_index)
-            grad[s:e] = _row_grad_chunk(p, z, labels[s:e], valid, g_logprob[s:e], g_entropy[s:e],
+            _, ent, p, plogp, valid = _row_stats_chunk(logits2d[s:e], labels[s:e], ctx.temperature,
+                                                       ctx.ignore_index)
+            grad[s:e] = _row_grad_chunk(p, plogp, ent, labels[s:e], valid, g_logprob[s:e], g_entropy[s:e],
                                         ctx.temperature).to(grad.dtype)
         return grad, None, None, None
 
@@ -315,7 +316,7 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
     where dz = ∂(Σ_t weight_t·loss_t)/∂logits: the gradient is known in the forward pass because
     each token's loss depends on its own row only (batch entropy is added separately).
     """
-    lp, ent, p, z, valid = _row_stats_chunk(logits2d, labels, cfg.temperature, -100)
+    lp, ent, p, plogp, valid = _row_stats_chunk(logits2d, labels, cfg.temperature, -100)
     with torch.enable_grad():
         lp_ = lp.detach().requires_grad_()
         ent_ = ent.detach().requires_grad_()
@@ -325,7 +326,7 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
         g_lp, g_ent = torch.autograd.grad(total, (lp_, ent_), allow_unused=True)
     g_lp = torch.zeros_like(lp) if g_lp is None else g_lp
     g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
-    dz = _row_grad_chunk(p, z, labels, valid, g_lp, g_ent, cfg.temperature)
+    dz = _row_grad_chunk(p, plogp, ent, labels, valid, g_lp, g_ent, cfg.temperature)
     return lp, ent, kl.detach(), total.detach(), dz
 
 
