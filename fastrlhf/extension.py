@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -51,8 +53,25 @@ def _cuda_unavailable_reason() -> Optional[str]:
     return None
 
 
+def _ninja_on_path() -> None:
+    """pip's ninja (the `ninja` package of the train extra) installs its binary beside the interpreter,
+    which is not on PATH when a virtualenv's python runs without the venv activated."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+        candidates = [ninja.BIN_DIR, os.path.dirname(sys.executable)]
+    except (ImportError, AttributeError):
+        candidates = [os.path.dirname(sys.executable)]
+    for folder in candidates:
+        if folder and shutil.which("ninja", path=folder):
+            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def _load(flavor: str, sources) -> str:
     from torch.utils import cpp_extension
+    _ninja_on_path()
     cpp_extension.verify_ninja_availability()
     return cpp_extension.load(
         name=f"fastrlhf_C_{flavor}", sources=[str(s) for s in sources], build_directory=str(_build_dir(flavor)),
