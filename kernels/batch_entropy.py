@@ -41,6 +41,17 @@ def _batch_mean_kernel(x_ptr, lse_ptr, w_ptr, pbar_ptr, hpart_ptr, B, T, V, stri
 
 
 @triton.jit
+def _probs_and_g(x_ptr, pbar_ptr, x_off, t, c, ld, lse, scale, V, inv_temp):
+    """One vocabulary block of rows: p = softmax(z) from the saved lse, and g = −(log p̄ + 1)·scale
+    (log p̄ taken as 0 where p̄ = 0); masked-out entries give p = 0."""
+    z = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=ld, other=float("-inf")).to(tl.float32) * inv_temp
+    pbar = tl.load(pbar_ptr + t[:, None] * V + c[None, :], mask=ld, other=0.0)
+    g = -(tl.where(pbar > 0, tl.log(pbar), 0.0) + 1.0) * scale
+    p = tl.where(ld, tl.exp(z - lse[:, None]), 0.0)
+    return p, g
+
+
+@triton.jit
 def _batch_entropy_bwd_kernel(x_ptr, dz_ptr, lse_ptr, w_ptr, pbar_ptr, scale_ptr, n_rows, T, V, stride_b, stride_t,
                               inv_temp, n_tiles, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
@@ -53,24 +64,18 @@ def _batch_entropy_bwd_kernel(x_ptr, dz_ptr, lse_ptr, w_ptr, pbar_ptr, scale_ptr
         lse = tl.load(lse_ptr + rows, mask=need, other=0.0)
         scale = tl.load(scale_ptr)                                       # grad_out / n_pos
         cols = tl.arange(0, BLOCK_V)
-        # pass 1: Σ_u p_u g_u with g = −(log p̄ + 1)·scale (log p̄ taken as 0 where p̄ = 0)
+        # pass 1: Σ_u p_u g_u
         pg = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, V, BLOCK_V):
             c = start + cols
             ld = need[:, None] & (c < V)[None, :]
-            z = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=ld, other=float("-inf")).to(tl.float32) * inv_temp
-            pbar = tl.load(pbar_ptr + t[:, None] * V + c[None, :], mask=ld, other=0.0)
-            g = -(tl.where(pbar > 0, tl.log(pbar), 0.0) + 1.0) * scale
-            p = tl.where(ld, tl.exp(z - lse[:, None]), 0.0)
+            p, g = _probs_and_g(x_ptr, pbar_ptr, x_off, t, c, ld, lse, scale, V, inv_temp)
             pg += tl.sum(p * g, axis=1)
         # pass 2: dz = w·p·(g − Σ p g)/τ
         for start in range(0, V, BLOCK_V):
             c = start + cols
             ld = need[:, None] & (c < V)[None, :]
-            z = tl.load(x_ptr + x_off[:, None] + c[None, :], mask=ld, other=float("-inf")).to(tl.float32) * inv_temp
-            pbar = tl.load(pbar_ptr + t[:, None] * V + c[None, :], mask=ld, other=0.0)
-            g = -(tl.where(pbar > 0, tl.log(pbar), 0.0) + 1.0) * scale
-            p = tl.where(ld, tl.exp(z - lse[:, None]), 0.0)
+            p, g = _probs_and_g(x_ptr, pbar_ptr, x_off, t, c, ld, lse, scale, V, inv_temp)
             dz = (w * inv_temp)[:, None] * p * (g - pg[:, None])
             tl.store(dz_ptr + rows[:, None] * V + c[None, :], dz.to(dz_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & (c < V)[None, :])
