@@ -118,6 +118,24 @@ def test_peft_wrapped_greedy_matches_hf():
     assert torch.equal(out.sequences, ref)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_4bit_lora_model_greedy_matches_hf(tmp_path, arch):
+    """A bitsandbytes nf4 base with a LoRA adapter, loaded as the trainer loads it (fastrlhf.models.load)."""
+    pytest.importorskip("bitsandbytes")
+    from fastrlhf.models import ModelConfig, load
+    from test_models import save_tiny
+
+    path, _ = save_tiny(tmp_path, arch)
+    policy = load(ModelConfig(model_name_or_path=path, use_peft=True, lora_r=4, load_in_4bit=True), "cpu").policy
+    assert any(type(m).__name__ == "Linear4bit" for m in policy.modules())
+    policy.eval()
+    ids, mask = _prompts()
+    ids = ids % policy.config.vocab_size
+    out = generate(policy, ids, mask, max_new_tokens=6, temperature=0.0, pad_token_id=0)
+    want = policy.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(out.sequences, want)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_fallback_without_static_cache_matches_hf(kind, monkeypatch):
     import fastrlhf.generation as generation

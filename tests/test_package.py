@@ -50,6 +50,7 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
                          check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
     kernels_dir = out.splitlines()[0]
     assert Path(kernels_dir).resolve() == (site / "fastrlhf" / "kernels").resolve()
-    csrc_sources = [n for n in names if n.startswith("fastrlhf/csrc/") and n.endswith((".cpp", ".cu", ".cuh", ".h"))]
-    source_tree = [p for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
+    suffixes = (".cpp", ".cu", ".cuh", ".h")
+    csrc_sources = [n for n in names if n.startswith("fastrlhf/csrc/") and n.endswith(suffixes)]
+    source_tree = [p for p in (ROOT / "csrc").iterdir() if p.suffix in suffixes]
     assert len(csrc_sources) == len(source_tree)
