@@ -15,6 +15,8 @@
 //       sum_{j <= i, kept} e_j > u * sum_{kept} e_j, e_j = exp(z_j - max z) (float32; sums in float64). tokens int64 [B];
 //       logprobs float32 [B] = z_tok - logsumexp(z) (the tempered full softmax).
 //       temperature == 0 or top_k == 1: greedy (first index of the max logit).
+//       A row with a NaN logit, a +inf one or no finite one still gets an index in [0, V) (which one is
+//       unspecified), with logprob NaN: no host synchronization, and nothing out of range downstream.
 //   Both keep sets are thresholds on z: kept(i) <=> z_i >= thr.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -29,7 +29,7 @@ struct MaxSum {  // online softmax state, with the first index of the max
 struct MaxSumOp {
   __device__ __forceinline__ MaxSum operator()(const MaxSum& x, const MaxSum& y) const {
     const float m = fmaxf(x.m, y.m);
-    if (m == -INFINITY) return {m, 0.f, x.i < y.i ? x.i : y.i};
+    if (m == -INFINITY) return {m, x.s + y.s, x.i < y.i ? x.i : y.i};  // s: 0, or NaN after a NaN logit
     const float s = x.s * __expf(x.m - m) + y.s * __expf(y.m - m);
     int64_t i;
     if (x.m == y.m) i = x.i < y.i ? x.i : y.i;
@@ -74,21 +74,23 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
   const int tid = threadIdx.x;
   const scalar_t* x = logits + static_cast<int64_t>(blockIdx.x) * V;
 
-  // 1. max, sum exp(z - max), argmax
+  // 1. max, sum exp(z - max), argmax. A NaN logit enters as {-inf, NaN}: it never wins the max, and the
+  //    NaN sum makes the row's log-probs NaN (ops.cpp: such rows still return an in-range token).
   MaxSum st{-INFINITY, 0.f, V};
   for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
     const float z = tempered(x, i, greedy, tau);
-    st = MaxSumOp()(st, MaxSum{z, 1.f, i});
+    st = MaxSumOp()(st, isnan(z) ? MaxSum{-INFINITY, NAN, V} : MaxSum{z, 1.f, i});
   }
   st = ReduceMS(tmp.ms).Reduce(st, MaxSumOp());
   if (tid == 0) s_ms = st;
   __syncthreads();
   const float zmax = s_ms.m;
   const float lse = zmax + logf(s_ms.s);
+  const int64_t argmax = s_ms.i < V ? s_ms.i : 0;  // V: every logit NaN
   if (greedy) {
     if (tid == 0) {
-      tokens[blockIdx.x] = s_ms.i;
-      logprobs[blockIdx.x] = tempered(x, s_ms.i, true, tau) - lse;
+      tokens[blockIdx.x] = argmax;
+      logprobs[blockIdx.x] = tempered(x, argmax, true, tau) - lse;
     }
     return;
   }
@@ -222,9 +224,9 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
     carry += total;
   }
   if (s_tok == ~0ull) {  // rounding left the target above the total: the last kept token
-    __syncthreads();
+    __syncthreads();      // (none with a positive weight: a NaN / +inf / all -inf row, whose log-prob is NaN)
     const long long last = ReduceL(tmp.l).Reduce(static_cast<long long>(last_pos), MaxLL());
-    if (tid == 0) s_tok = static_cast<unsigned long long>(last);
+    if (tid == 0) s_tok = static_cast<unsigned long long>(last >= 0 ? last : argmax);
     __syncthreads();
   }
   if (tid == 0) {

@@ -153,6 +153,20 @@ def test_sample_kernel_ties_greedy_and_masked_tokens(lib):
     assert drawn == {0, 2}  # equal logits: the threshold keeps both, whatever top_p
 
 
+def test_sample_kernel_non_finite_rows_give_in_range_tokens_and_nan_logprobs(lib):
+    import fastrlhf.extension  # noqa: F401
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[-inf] * 6, [0.0, nan, 1.0, 2.0, 0.0, 0.0], [0.0, inf, 1.0, inf, 0.0, 0.0], [nan] * 6])
+    u = torch.full((4,), 0.5, dtype=torch.float64)
+    for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 0.5)):
+        tokens, lp = emu_sample(lib, x, u, temperature, top_k, top_p)
+        assert ((tokens >= 0) & (tokens < 6)).all() and lp.isnan().all(), (temperature, top_k, top_p, tokens, lp)
+        cpu_tokens, cpu_lp = torch.ops.fastrlhf.sample_tokens(x, u, temperature, top_k, top_p)
+        assert ((cpu_tokens >= 0) & (cpu_tokens < 6)).all() and cpu_lp.isnan().all()
+        if top_p == 1.0:
+            assert torch.equal(tokens, cpu_tokens)
+
+
 @pytest.mark.slow
 def test_no_data_races_under_thread_sanitizer(tmp_path):
     exe = tmp_path / "race_check"
