@@ -5,7 +5,9 @@
 // One block per row, no host synchronization. Passes over the row: online max / sum-exp (and argmax);
 // top-k: 4-pass radix select of the k-th largest z (8 bits per pass, counts); top-p: 4-pass radix select
 // on the probability mass (the smallest z whose strictly-larger mass is < top_p * kept mass); the kept
-// mass; the inverse-CDF draw in index order with a block scan.
+// mass (only when something was cut); the inverse-CDF draw in index order with a block scan per tile of
+// SAMPLE_BLOCK * SAMPLE_ITEMS tokens, stopping at the tile that holds the draw. Passes over V: 2 plain,
+// 7 with top-k, 8 with top-p, 12 with both (counting the draw, which stops early, as one).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -172,13 +174,16 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
     thr = prefix > thr ? prefix : thr;
   }
 
-  // 4. kept mass
-  float kept = 0.f;
-  for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
-    const float z = tempered(x, i, false, tau);
-    if (float_key(z) >= thr) kept += __expf(z - zmax);
+  // 4. kept mass (nothing truncated, thr == 0: every key is >= 0 and pass 1's sum is that mass)
+  float kept = s_ms.s;
+  if (thr != 0u) {
+    kept = 0.f;
+    for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
+      const float z = tempered(x, i, false, tau);
+      if (float_key(z) >= thr) kept += __expf(z - zmax);
+    }
+    kept = ReduceF(tmp.f).Sum(kept);
   }
-  kept = ReduceF(tmp.f).Sum(kept);
   if (tid == 0) {
     s_f1 = static_cast<float>(uniforms[blockIdx.x] * static_cast<double>(kept));
     s_tok = ~0ull;
