@@ -77,20 +77,29 @@ void emu::launch(unsigned grid, unsigned block, Kernel kernel) {
   block_barrier = nullptr;
 }
 
+namespace emu {
+// The temp storage of the block primitives below: one value per thread, published to the block.
+template <typename T, int BLOCK>
+struct Slots {
+  T slot[BLOCK];
+  void publish(T input) {
+    slot[threadIdx.x] = input;
+    __syncthreads();
+  }
+};
+}  // namespace emu
+
 namespace cub {
 
 template <typename T, int BLOCK>
 struct BlockReduce {
-  struct TempStorage {
-    T slot[BLOCK];
-  };
+  using TempStorage = emu::Slots<T, BLOCK>;
   TempStorage& storage;
   explicit BlockReduce(TempStorage& s) : storage(s) {}
 
   template <typename Op>
   T Reduce(T input, Op op) {
-    storage.slot[threadIdx.x] = input;
-    __syncthreads();
+    storage.publish(input);
     if (threadIdx.x != 0) return input;
     // cub's default order (BLOCK_REDUCE_WARP_REDUCTIONS): a tree within each warp of 32, then the warp
     // aggregates in order, so rounding errors are those of the GPU's, not of one long sequential sum.
@@ -114,24 +123,20 @@ struct BlockReduce {
 
 template <typename T, int BLOCK>
 struct BlockScan {
-  struct TempStorage {
-    T slot[BLOCK];
-  };
+  using TempStorage = emu::Slots<T, BLOCK>;
   TempStorage& storage;
   explicit BlockScan(TempStorage& s) : storage(s) {}
 
   // output = init op x_0 op ... op x_{tid-1} (left to right)
   template <typename Op>
   void ExclusiveScan(T input, T& output, T init, Op op) {
-    storage.slot[threadIdx.x] = input;
-    __syncthreads();
+    storage.publish(input);
     output = init;
     for (unsigned i = 0; i < threadIdx.x; ++i) output = op(output, storage.slot[i]);
   }
   // output = x_0 + ... + x_{tid-1}, aggregate = x_0 + ... + x_{BLOCK-1} in every thread
   void ExclusiveSum(T input, T& output, T& aggregate) {
-    storage.slot[threadIdx.x] = input;
-    __syncthreads();
+    storage.publish(input);
     output = T(0);
     for (unsigned i = 0; i < threadIdx.x; ++i) output += storage.slot[i];
     aggregate = output;
