@@ -32,9 +32,7 @@ def eager_batch_entropy(logits, mask):
 
 
 def main(argv=None):
-    args = harness.arg_parser(__doc__).parse_args(argv)
-    device = harness.default_device()
-    gpu = device.type == "cuda" or args.gpu_sizes
+    _, device, gpu = harness.start(__doc__, argv)
     dtype = torch.bfloat16
     copy_bw = harness.copy_bandwidth_gbs(device)
     impls = {"fastrlhf": fastrlhf.batch_entropy, "torch": eager_batch_entropy,

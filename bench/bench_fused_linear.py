@@ -188,9 +188,8 @@ def main(argv=None):
     parser.add_argument("--cpu-target", action="store_true", help="the issue's CPU target shape")
     parser.add_argument("--compile", action="store_true",
                         help="also the torch.compile baseline on CPU (always on CUDA; slow to compile on CPU)")
-    args = parser.parse_args(argv)
-    device = harness.default_device()
-    if device.type == "cuda" or args.gpu_sizes:
+    args, device, gpu = harness.start(__doc__, argv, parser)
+    if gpu:
         if device.type != "cuda":
             parser.error("--gpu-sizes needs a CUDA device")
         shapes, dtype, name = GPU_SIZES, torch.bfloat16, "fused_linear"

@@ -48,9 +48,7 @@ def torch_vectorized(rewards, values, mask, W, gamma=GAMMA):
 
 
 def main(argv=None):
-    args = harness.arg_parser(__doc__).parse_args(argv)
-    device = harness.default_device()
-    gpu = device.type == "cuda" or args.gpu_sizes
+    _, device, gpu = harness.start(__doc__, argv)
     shapes = [(256, 512), (256, 2048), (256, 8192)] if gpu else [(64, 256), (64, 1024)]
     bandwidth = harness.copy_bandwidth_gbs(device)
     results = []

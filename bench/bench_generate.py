@@ -45,9 +45,7 @@ def wall_ms(fn, device, warmup=1, rep=3):
 
 def main(argv=None):
     from transformers import Qwen2ForCausalLM
-    args = harness.arg_parser(__doc__).parse_args(argv)
-    device = harness.default_device()
-    gpu = device.type == "cuda" or args.gpu_sizes
+    _, device, gpu = harness.start(__doc__, argv)
     cfg = qwen_config(gpu)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -163,9 +163,7 @@ def main(argv=None) -> int:
     p = harness.arg_parser(__doc__)
     p.add_argument("--algos", default="apa,ppo")
     p.add_argument("--models", default="llama-3-8b,qwen2.5-0.5b", help="GPU cases to run (comma-separated)")
-    args = p.parse_args(argv)
-    device = harness.default_device()
-    gpu = args.gpu_sizes or device.type == "cuda"
+    args, device, gpu = harness.start(__doc__, argv, p)
     if gpu and device.type != "cuda":
         p.error("--gpu-sizes needs a CUDA device")
     # (name, max_memory_gb, batch, prompt_len, new_tokens); name None = the built-in tiny Llama

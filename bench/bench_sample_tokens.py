@@ -22,9 +22,8 @@ SETTINGS = [dict(temperature=0.8, top_k=0, top_p=0.9), dict(temperature=0.8, top
 
 
 def main(argv=None):
-    args = harness.arg_parser(__doc__).parse_args(argv)
-    device = harness.default_device()
-    batches = [8, 64, 256] if device.type == "cuda" or args.gpu_sizes else [8]
+    _, device, gpu = harness.start(__doc__, argv)
+    batches = [8, 64, 256] if gpu else [8]
     results = []
     for B in batches:
         logits = (torch.randn(B, V, generator=torch.Generator().manual_seed(0)) * 4).to(device)

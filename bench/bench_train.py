@@ -97,9 +97,7 @@ def run_algo(algo: str, directory: Path, out: Path, s: dict, steps: int, device:
 def main(argv=None) -> int:
     p = harness.arg_parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="RL steps per algorithm [default: 4 GPU, 2 CPU]")
-    args = p.parse_args(argv)
-    device = harness.default_device()
-    big = args.gpu_sizes or device.type == "cuda"
+    args, device, big = harness.start(__doc__, argv, p)
     s = GPU if big else CPU
     steps = args.steps or (4 if big else 2)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

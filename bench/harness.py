@@ -62,6 +62,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def start(doc: str, argv=None, parser: Optional[argparse.ArgumentParser] = None):
+    """Parse the flags (`parser`: arg_parser(doc) with a script's own flags added) -> (args, device, gpu):
+    gpu = run the issue's GPU shapes (CUDA present, or --gpu-sizes)."""
+    args = (parser or arg_parser(doc)).parse_args(argv)
+    device = default_device()
+    return args, device, device.type == "cuda" or args.gpu_sizes
+
+
 def time_ms(fn: Callable[[], object], *, warmup: int = 3, rep: int = 10, device: Optional[torch.device] = None) -> float:
     """Median wall time of fn() in milliseconds (warm-up runs excluded)."""
     device = device or default_device()
