@@ -10,14 +10,14 @@ full length). Recorded per (case, algo):
     generation_peak_mib  peak of `train.sample` (generation alone), generation_ms its time
     rollout_peak_mib     peak of `train.rollout` = generation + scoring (old/ref log-probs, values,
                          rewards, advantages; generation runs again inside it), rollout_ms its time
-    update_peak_mib      peak of `train.update` (one epoch, micro-batches picked by models.plan_memory),
+    update_peak_mib      peak of `train.update` (one epoch, micro-batches picked by memory.plan_memory),
                          update_ms its time
     ms                   step time = rollout_ms + update_ms;  peak_mem_mib = max of the phases
-    plan                 what models.plan_memory picked (micro-batch, generation batch, loss chunk)
+    plan                 what memory.plan_memory picked (micro-batch, generation batch, loss chunk)
 
 Peaks: CUDA max_memory_allocated (weights included); CPU: peak RSS of the process (VmHWM, reset per
 phase; Python heap and libraries included). An out-of-memory error is recorded as the case's result
-(`oom`: models.out_of_memory_message), not raised.
+(`oom`: memory.out_of_memory_message), not raised.
 
     python bench/bench_memory.py               CPU smoke (built-in tiny Llama, 4-bit + LoRA); GPU sizes with CUDA
     python bench/bench_memory.py --gpu-sizes   Llama-3-8B shape under 16 GiB, Qwen2.5-0.5B shape under 4 GiB:
@@ -45,7 +45,8 @@ import harness  # noqa: E402
 
 from fastrlhf import train as T  # noqa: E402
 from fastrlhf.config import TrainConfig  # noqa: E402
-from fastrlhf.models import ModelConfig, PhaseMemory, out_of_memory_message, plan_memory  # noqa: E402
+from fastrlhf.memory import PhaseMemory, out_of_memory_message, plan_memory  # noqa: E402
+from fastrlhf.models import ModelConfig  # noqa: E402
 from fastrlhf.tokenizer import DEFAULT_CHARS, SPECIAL_TOKENS, CharTokenizer  # noqa: E402
 
 

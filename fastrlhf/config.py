@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .models import OPTIMIZERS, ModelConfig
+from .models import ModelConfig
 from .models import validate as validate_model
+from .optim import OPTIMIZERS
 from .ref import KL_ESTIMATORS
 
 ALGOS = ("ppo", "ppo-max", "apa")

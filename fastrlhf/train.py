@@ -34,8 +34,9 @@ from .config import TrainConfig, parse_args
 from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .generation import generate
 from .hf import output_layer
-from .models import (Bundle, PhaseMemory, critic_hidden_states, load, make_optimizer, out_of_memory_message,
-                     plan_memory, values)
+from .memory import PhaseMemory, out_of_memory_message, plan_memory
+from .models import Bundle, critic_hidden_states, load, values
+from .optim import make_optimizer
 from .ref import masked_mean
 from .rewards import make_reward, scores_tensor
 from .tasks import load_prompts, make_task, solve
