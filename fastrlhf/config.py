@@ -60,7 +60,6 @@ MODEL_HELP = {
     "ref_load_in_8bit": "load the frozen reference copy in 8-bit (without --use_peft)",
     "critic_model_name_or_path": "separate critic trunk (None: value head on the policy trunk; ppo-max uses "
                                  "--reward_model when given)",
-    "value_head": "build a value head (PPO, PPO-max and APA all need one)",
     "gradient_checkpointing": "recompute activations in backward to save memory",
     "max_memory_gb": "cap this process's GPU memory (GiB)",
     "tiny_hidden_size": "built-in model: hidden size", "tiny_num_layers": "built-in model: layers",
@@ -415,6 +414,4 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"sft_steps: the built-in warm-start is for the arithmetic task, got --task {cfg.task!r}")
     if cfg.bf16 and cfg.device == "cuda" and cfg.model.dtype in ("float16", "fp16"):
         raise ValueError("bf16: autocast to bf16 with a float16 model; pass --no-bf16 or --dtype bfloat16")
-    if not cfg.model.value_head:
-        raise ValueError("value_head: PPO, PPO-max and APA all need values (GAE); expected value_head=True")
     validate_model(cfg.model)

@@ -74,8 +74,6 @@ class ModelConfig:
     # Separate critic trunk (name or path; the trainer may default it to the reward model for ppo-max).
     # None = the value head sits on the policy's own trunk (no second model).
     critic_model_name_or_path: Optional[str] = None
-    # Whether the trainer needs values at all (False for algorithms without a critic: no head is built).
-    value_head: bool = True
     gradient_checkpointing: bool = False
     # Cap this process's GPU memory at this many GiB (torch per-process memory fraction); None = no cap.
     max_memory_gb: Optional[float] = None
@@ -97,11 +95,11 @@ class Bundle:
     the first update when both are computed the same way: same train/eval mode and both under no_grad
     (bitsandbytes runs different kernels for each, ~1e-3 apart on CPU 4-bit). `value_head` is
     nn.Linear(H, 1) in fp32 (zero-initialized, so values start at 0) on the policy's trunk, or on
-    `critic`'s when there is one; None when cfg.value_head is False."""
+    `critic`'s when there is one."""
 
     policy: nn.Module
     tokenizer: object
-    value_head: Optional[nn.Linear]
+    value_head: nn.Linear
     critic: Optional[nn.Module]
     reference: Callable[[], ContextManager[nn.Module]]
     config: ModelConfig
@@ -227,8 +225,6 @@ def validate(cfg: ModelConfig) -> None:
             "bitsandbytes") is None:
         raise ValueError("load_in_4bit/load_in_8bit/ref_load_in_8bit: need the bitsandbytes package "
                          "(pip install 'fastrlhf[quant]'), which is not installed")
-    if cfg.critic_model_name_or_path is not None and not cfg.value_head:
-        raise ValueError("critic_model_name_or_path: a critic needs a value head; expected value_head=True")
     if cfg.use_peft:
         if cfg.lora_r <= 0:
             raise ValueError(f"lora_r: expected > 0, got {cfg.lora_r}")
@@ -393,19 +389,17 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
         critic = _prepare_trainable(
             _from_pretrained(AutoModel, cfg.critic_model_name_or_path, device, dtype, attn, bits, cfg),
             cfg, "FEATURE_EXTRACTION")
-    value_head = None
-    if cfg.value_head:
-        hidden = (critic if critic is not None else policy).config.hidden_size
-        value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
-        head = reward_head(cfg.critic_model_name_or_path, hidden) if critic is not None else None
-        if head is not None:  # a reward model as critic: start the values at its per-token scores
-            with torch.no_grad():
-                value_head.weight.copy_(head[0])
-                if head[1] is not None:
-                    value_head.bias.copy_(head[1])
-            log.info("value head initialized from the score head of %s", cfg.critic_model_name_or_path)
+    hidden = (critic if critic is not None else policy).config.hidden_size
+    value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+    nn.init.zeros_(value_head.weight)
+    nn.init.zeros_(value_head.bias)
+    head = reward_head(cfg.critic_model_name_or_path, hidden) if critic is not None else None
+    if head is not None:  # a reward model as critic: start the values at its per-token scores
+        with torch.no_grad():
+            value_head.weight.copy_(head[0])
+            if head[1] is not None:
+                value_head.bias.copy_(head[1])
+        log.info("value head initialized from the score head of %s", cfg.critic_model_name_or_path)
 
     if cfg.use_peft:
         @contextlib.contextmanager
@@ -424,8 +418,6 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
 def values(bundle: Bundle, hidden_states: torch.Tensor) -> torch.Tensor:
     """Values [B, T] (fp32) from final hidden states [B, T, H] of the value head's trunk: the policy's
     (e.g. `fastrlhf.hf.hidden_states(policy, ...)`) or, with a critic, `critic_hidden_states(...)`."""
-    if bundle.value_head is None:
-        raise ValueError("bundle.value_head: expected a value head, got None (loaded with value_head=False)")
     head = bundle.value_head
     if hidden_states.shape[-1] != head.in_features:
         raise ValueError(f"hidden_states: expected last dim {head.in_features}, got {tuple(hidden_states.shape)}")

@@ -74,7 +74,6 @@ def test_bad_flags_exit_2(argv, capsys):
     (["--adaptive_kl", "--kl_coef", "0"], "adaptive_kl"),
     (["--reward", "missing.py:f"], "existing Python file"),
     (["--reward_model", "/no/such/dir"], "reward_model"),
-    (["--no-value_head"], "value_head"),
     (["--load_in_4bit"], "use_peft"),                      # a model-flag combination (fastrlhf.models)
     (["--task", "sentiment", "--sft_steps", "3"], "warm-start"),
     (["--gamma", "1.5"], "gamma"),

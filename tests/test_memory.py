@@ -23,7 +23,7 @@ def test_activation_estimate_matches_saved_tensors(checkpointing, lora):
     (distinct storages seen by saved_tensors_hooks), within a factor 1.5 either way."""
     from fastrlhf.hf import hidden_states
 
-    cfg = ModelConfig(use_peft=lora, lora_dropout=0.1, gradient_checkpointing=checkpointing, value_head=False)
+    cfg = ModelConfig(use_peft=lora, lora_dropout=0.1, gradient_checkpointing=checkpointing)
     b = load(cfg, "cpu")
     b.policy.train()
     B, T = 2, 64

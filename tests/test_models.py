@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastrlhf import models
-from fastrlhf.models import ModelConfig, critic_hidden_states, load, validate, values
+from fastrlhf.models import ModelConfig, critic_hidden_states, load, values
 from fastrlhf.optim import make_optimizer
 from fastrlhf.tokenizer import CharTokenizer
 
@@ -56,8 +56,7 @@ def test_default_model_full_finetune_has_frozen_reference():
     n_policy = sum(1 for _ in b.policy.parameters())
     assert len(b.trainable_parameters()) == n_policy + 2  # + value head weight and bias
     # the tiny model is seeded: a second load has the same weights
-    again = load(ModelConfig(value_head=False), "cpu")
-    assert again.value_head is None
+    again = load(ModelConfig(), "cpu")
     for (n, p), (_, q) in zip(b.policy.named_parameters(), again.policy.named_parameters()):
         assert torch.equal(p, q), n
 
@@ -259,5 +258,3 @@ def test_critic_vocab_mismatch_fails_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_from_pretrained", lambda *a, **k: pytest.fail("loaded weights"))
     with pytest.raises(ValueError, match="expected vocab_size 100"):
         load(ModelConfig(critic_model_name_or_path=path), "cpu")
-    with pytest.raises(ValueError, match="value_head=True"):
-        validate(ModelConfig(critic_model_name_or_path=path, value_head=False))
