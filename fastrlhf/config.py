@@ -2,8 +2,9 @@
 
 Sources, later wins: dataclass defaults < the `--algo` preset (fields left unset) < `--config FILE.yaml`
 < command-line flags. The model's knobs are `fastrlhf.models.ModelConfig`, composed as `cfg.model`;
-its fields are flags too (flat names in YAML and on the command line). `parse_args` checks
-everything before any model is loaded.
+its fields are flags too (flat names in YAML and on the command line). Every flag's help is its
+field's `metadata["help"]`, here and in ModelConfig. `parse_args` checks everything before any model
+is loaded.
 """
 from __future__ import annotations
 
@@ -41,30 +42,6 @@ PRESETS = {
     "apa": dict(kl_coef=0.0, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
                 cliprange_value=None, whiten_advantages=True, adv_clip=None, score_scaling="std",
                 score_clip=100.0, max_grad_norm=1.0, vf_coef=0.1, adv_coeff=10.0, num_mini_batches=1),
-}
-
-
-# Help of the model flags (their semantics belong to fastrlhf.models.ModelConfig).
-MODEL_HELP = {
-    "model_name_or_path": "Hugging Face name or local path of a causal LM (None: the built-in tiny Llama with "
-                          "the character tokenizer)",
-    "dtype": "weights dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16",
-    "attn_implementation": "auto | flash_attention_2 | sdpa | eager",
-    "use_peft": "train LoRA adapters (peft) instead of all weights; the reference is the adapter-free base",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
-    "lora_target_modules": "'all-linear' or comma-separated module names",
-    "load_in_4bit": "4-bit (bitsandbytes) base; needs --use_peft",
-    "load_in_8bit": "8-bit (bitsandbytes) base; needs --use_peft",
-    "bnb_4bit_quant_type": "nf4 | fp4", "bnb_4bit_use_double_quant": "nested 4-bit quantization",
-    "bnb_4bit_compute_dtype": "auto (= dtype) | float32 | bfloat16 | float16",
-    "ref_load_in_8bit": "load the frozen reference copy in 8-bit (without --use_peft)",
-    "critic_model_name_or_path": "separate critic trunk (None: value head on the policy trunk; ppo-max uses "
-                                 "--reward_model when given)",
-    "gradient_checkpointing": "recompute activations in backward to save memory",
-    "max_memory_gb": "cap this process's GPU memory (GiB)",
-    "tiny_hidden_size": "built-in model: hidden size", "tiny_num_layers": "built-in model: layers",
-    "tiny_num_heads": "built-in model: attention heads", "tiny_intermediate_size": "built-in model: MLP size",
-    "tiny_max_positions": "built-in model: max positions", "tiny_seed": "built-in model: init seed",
 }
 
 
@@ -236,7 +213,7 @@ def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
         for f, tp in _fields(cls):
             base, optional = _base_type(tp)
             default = getattr(defaults, f.name)
-            help_ = f.metadata.get("help") or MODEL_HELP.get(f.name, f.name)
+            help_ = f.metadata["help"]
             if f.metadata.get("preset"):
                 help_ += " (default per --algo: " + ", ".join(
                     f"{a}={PRESETS[a][f.name]}" for a in ALGOS) + ")"

@@ -43,48 +43,54 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
+def _f(default, help):
+    """A ModelConfig field whose `help` is its `fastrlhf train --<name>` help (fastrlhf.config.build_parser)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    """Model-loading options; each field is also a `fastrlhf train` flag `--<field>` (fastrlhf.config)."""
+    """Model-loading options; each field is also a `fastrlhf train` flag `--<field>` (fastrlhf.config),
+    documented by its help."""
 
-    # Hugging Face name or local path of a causal LM; None = the built-in tiny Llama (CharTokenizer, random
-    # init from `tiny_seed`, saved to a temporary directory and loaded back through the same path).
-    model_name_or_path: Optional[str] = None
-    # "auto" = bfloat16 on CUDA, float32 on CPU; else float32 | bfloat16 | float16 (non-quantized weights).
-    dtype: str = "auto"
-    # "auto" = flash_attention_2 when flash_attn imports and the device is CUDA with a 16-bit dtype, else sdpa.
-    attn_implementation: str = "auto"
-    # LoRA through peft. Targets: "all-linear" (every linear layer but the output layer), or module names
-    # (a list, or one comma-separated string), matched like peft does: the full name or its last
-    # components (".q_proj"). Names that match no module are an error.
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: Union[str, list] = "all-linear"
-    # Quantized base (bitsandbytes); trains only through LoRA (use_peft).
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
-    bnb_4bit_use_double_quant: bool = False
-    bnb_4bit_compute_dtype: str = "auto"  # "auto" = the resolved `dtype`
-    # Without LoRA the reference policy is a frozen copy; load it in 8-bit to halve (bf16) its bytes. Its
-    # KL to the policy is then not exactly 0 at the first step (quantization error).
-    ref_load_in_8bit: bool = False
-    # Separate critic trunk (name or path; the trainer may default it to the reward model for ppo-max).
-    # None = the value head sits on the policy's own trunk (no second model).
-    critic_model_name_or_path: Optional[str] = None
-    gradient_checkpointing: bool = False
-    # Cap this process's GPU memory at this many GiB (torch per-process memory fraction); None = no cap.
-    max_memory_gb: Optional[float] = None
-    # The built-in tiny Llama (model_name_or_path=None). Sized so the default training job runs in about a
+    # None: the tiny Llama is built from `tiny_seed`, saved to a temporary directory and loaded back through
+    # the same path as any checkpoint.
+    model_name_or_path: Optional[str] = _f(None, "Hugging Face name or local path of a causal LM (None: the "
+                                                 "built-in tiny Llama with the character tokenizer)")
+    # Applies to the non-quantized weights.
+    dtype: str = _f("auto", "weights dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    # auto: flash_attention_2 when flash_attn imports and the device is CUDA with a 16-bit dtype, else sdpa.
+    attn_implementation: str = _f("auto", "auto | flash_attention_2 | sdpa | eager")
+    use_peft: bool = _f(False, "train LoRA adapters (peft) instead of all weights; the reference is the "
+                               "adapter-free base")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    # "all-linear": every linear layer but the output layer. Names (a list, or one comma-separated string)
+    # match like peft matches them: the full name or its last components (".q_proj"); a name that matches
+    # no module is an error.
+    lora_target_modules: Union[str, list] = _f("all-linear", "'all-linear' or comma-separated module names")
+    load_in_4bit: bool = _f(False, "4-bit (bitsandbytes) base; needs --use_peft")
+    load_in_8bit: bool = _f(False, "8-bit (bitsandbytes) base; needs --use_peft")
+    bnb_4bit_quant_type: str = _f("nf4", "nf4 | fp4")
+    bnb_4bit_use_double_quant: bool = _f(False, "nested 4-bit quantization")
+    bnb_4bit_compute_dtype: str = _f("auto", "auto (= dtype) | float32 | bfloat16 | float16")
+    # 8-bit halves a bf16 reference's bytes; its KL to the policy is then not exactly 0 at the first step
+    # (quantization error).
+    ref_load_in_8bit: bool = _f(False, "load the frozen reference copy in 8-bit (without --use_peft)")
+    critic_model_name_or_path: Optional[str] = _f(None, "separate critic trunk (None: value head on the policy "
+                                                        "trunk; ppo-max uses --reward_model when given)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    # A torch per-process memory fraction (fastrlhf.memory.set_memory_cap).
+    max_memory_gb: Optional[float] = _f(None, "cap this process's GPU memory (GiB)")
+    # The built-in tiny Llama (model_name_or_path=None), sized so the default training job runs in about a
     # minute on 2 CPU cores: 0.68M parameters (vocab 100 = CharTokenizer).
-    tiny_hidden_size: int = 128
-    tiny_num_layers: int = 4
-    tiny_num_heads: int = 4
-    tiny_intermediate_size: int = 256
-    tiny_max_positions: int = 512
-    tiny_seed: int = 0
+    tiny_hidden_size: int = _f(128, "built-in model: hidden size")
+    tiny_num_layers: int = _f(4, "built-in model: layers")
+    tiny_num_heads: int = _f(4, "built-in model: attention heads")
+    tiny_intermediate_size: int = _f(256, "built-in model: MLP size")
+    tiny_max_positions: int = _f(512, "built-in model: max positions")
+    tiny_seed: int = _f(0, "built-in model: init seed")
 
 
 @dataclass
