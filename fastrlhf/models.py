@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .memory import set_memory_cap
+from .sequences import position_ids
 from .tokenizer import CharTokenizer, load_tokenizer
 
 log = logging.getLogger("fastrlhf")
@@ -431,10 +432,10 @@ def values(bundle: Bundle, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def critic_hidden_states(bundle: Bundle, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [B, T, H] of the separate critic trunk (positions counted over the attention mask,
-    as in generation with left padding)."""
+    """Final hidden states [B, T, H] of the separate critic trunk, with the position ids of every other pass
+    (`fastrlhf.sequences.position_ids`; README, "Sequence layout")."""
     if bundle.critic is None:
         raise ValueError("bundle.critic: expected a separate critic, got None (value head on the policy trunk)")
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = bundle.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    out = bundle.critic(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids(attention_mask))
     return out.last_hidden_state

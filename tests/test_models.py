@@ -1,6 +1,7 @@
 """fastrlhf.models: the tiny default model, LoRA / 4-bit / 8-bit loading, the disabled-adapter reference
-(KL exactly 0 before the first update), value head on the policy trunk vs a separate critic, bad option
-combinations failing before any weight is loaded, other architectures loaded by path (no downloads)."""
+(KL exactly 0 before the first update), value head on the policy trunk vs a separate critic, the critic's
+position ids against generation's and the scoring pass's, bad option combinations failing before any
+weight is loaded, other architectures loaded by path (no downloads)."""
 import pytest
 import torch
 from torch import nn
@@ -185,6 +186,42 @@ def test_separate_critic(tmp_path):
     assert all(id(p) in ids for p in b.critic.parameters() if p.requires_grad)
 
 
+
+def test_critic_scoring_and_generation_give_a_token_the_same_position_id(tmp_path):
+    """On a left-padded batch, generation, the policy's scoring pass (train.hidden_states) and the critic
+    pass each valid token its index among its row's valid tokens (README, "Sequence layout"), and the
+    critic's ids are fastrlhf.sequences.position_ids exactly (1 on padding, as generation has it). Hidden
+    states alone cannot show this: fully masked padded positions come out the same whatever their id."""
+    from fastrlhf import sequences, train
+    from fastrlhf.generation import generate
+
+    critic_path, _ = save_tiny(tmp_path, "llama", hidden=64)
+    b = load(ModelConfig(tiny_num_layers=2, critic_model_name_or_path=critic_path), "cpu")
+    prompt, prompt_mask = sequences.pad_rows([b.tokenizer.encode(p) for p in PROMPTS], b.tokenizer.pad_token_id,
+                                             side="left")
+    assert not prompt_mask.all()  # some rows are padded
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["position_ids"].clone())  # the decoder updates its position buffer in place
+
+    with torch.no_grad():
+        with b.policy.model.register_forward_pre_hook(record, with_kwargs=True):
+            gen = generate(b.policy, prompt, prompt_mask, max_new_tokens=3)
+            generation = torch.cat(seen, dim=1)  # [B, P] prefill, then [B, 1] per fed token
+            seen.clear()
+            mask = torch.cat([prompt_mask, gen.response_mask], dim=1)
+            train.hidden_states(b.policy, gen.sequences, mask)
+            scoring = seen.pop()
+        with b.critic.register_forward_pre_hook(record, with_kwargs=True):
+            critic_hidden_states(b, gen.sequences, mask)
+            critic = seen.pop()
+    want = sequences.position_ids(mask)
+    assert torch.equal(critic, want)
+    valid = mask.bool()
+    fed = generation.shape[1]  # the last sampled token is never fed back
+    assert torch.equal(generation[valid[:, :fed]], want[:, :fed][valid[:, :fed]])
+    assert torch.equal(scoring[valid], want[valid])
 
 @pytest.mark.parametrize("arch,targets", [("qwen2", "q_proj,v_proj"), ("gpt2", "all-linear"), ("gpt2", ["c_attn"])])
 def test_other_architectures_by_path_4bit_lora(tmp_path, arch, targets):
