@@ -1,4 +1,4 @@
-"""bench_memory: full APA and PPO steps of fastrlhf's trainer on a model that barely fits (issue 6).
+"""bench_memory: full APA and PPO steps of fastrlhf's trainer on a model that barely fits its memory cap.
 
 Per case: a random checkpoint built from an architecture config (no download) is saved to a temporary
 directory with a CharTokenizer wide enough for its vocabulary, loaded through `fastrlhf.models.load`

@@ -8,8 +8,8 @@ model's vocabulary, so any sampled id decodes; the reward is the response length
 cost in the figure). Each algorithm runs `steps` RL steps; step 1 (warm-up, CUDA-graph capture) is
 excluded from the median step time.
 
-TRL's PPOTrainer is the comparison the issue asks for; it is measured only when `trl` imports
-(it is not installed in this environment: the result records the skip).
+TRL's PPOTrainer is the baseline to compare with; it is measured only when `trl` imports (it is
+not installed in this environment: the result records the skip).
 
     python bench/bench_train.py [--gpu-sizes] [--steps N]
 """

@@ -1,6 +1,6 @@
-"""The RL pieces on [B, T] tensors that sit between a rollout and the policy loss (DESIGN §3):
-score scaling with running statistics, the adaptive KL controller, per-token KL-shaped rewards,
-and GAE + masked whitening (through `fastrlhf.ops`)."""
+"""The RL pieces on [B, T] tensors that sit between a rollout and the policy loss: score scaling with
+running statistics, the adaptive KL controller, per-token KL-shaped rewards, and GAE + masked
+whitening (through `fastrlhf.ops`) (README, "Advantages and rewards")."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

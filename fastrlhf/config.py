@@ -24,8 +24,10 @@ from .ref import KL_ESTIMATORS
 ALGOS = ("ppo", "ppo-max", "apa")
 TASKS = ("arithmetic", "sentiment", "file")
 
-# Per-algorithm defaults (DESIGN §3, numbers from the reference code of each method) for the fields
-# that are None in TrainConfig. Every one is overridable by a flag or the YAML file.
+# Per-algorithm defaults for the fields that are None in TrainConfig, from each method's own source: ppo
+# from Hugging Face TRL's PPOConfig defaults, ppo-max from Secrets of RLHF in Large Language Models Part I
+# (Zheng et al. 2023) and its MOSS-RLHF code, apa from Zhu et al. 2023 (Fine-Tuning Language Models with
+# Advantage-Induced Policy Alignment). Every one is overridable by a flag or the YAML file.
 PRESETS = {
     # TRL-style PPO: k1 KL in the reward, GAE γ=1 λ=0.95, ε=0.2, ε_v=0.2, whitened advantages.
     "ppo": dict(kl_coef=0.05, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,

@@ -1,4 +1,4 @@
-"""fastrlhf.algos against float64 formulas written here (DESIGN §3)."""
+"""fastrlhf.algos against float64 formulas written here (README, "Advantages and rewards")."""
 import math
 
 import numpy as np

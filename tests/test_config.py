@@ -23,7 +23,7 @@ def test_presets_apply_and_flags_override_them(algo):
     assert (cfg.kl_coef, cfg.score_clip, cfg.cliprange_value) == (0.3, None, 0.5)
 
 
-def test_preset_values_from_the_design():
+def test_preset_values_from_their_sources():
     assert PRESETS["apa"]["adv_coeff"] == 10.0 and PRESETS["apa"]["kl_coef"] == 0.0
     assert PRESETS["apa"]["score_clip"] == 100.0 and PRESETS["apa"]["cliprange_value"] is None
     assert PRESETS["ppo-max"]["max_grad_norm"] == 1.0 and PRESETS["ppo-max"]["score_scaling"] == "std"
