@@ -61,11 +61,10 @@ def chain_error(text: str) -> float:
         raise ValueError(f"prompt: expected an arithmetic expression before the first '=', got {text!r}") from None
     error = 0.0
     for statement in statements:
-        try:
-            error += abs(solution - evaluate(statement)) if statement.strip() else math.inf
+        try:  # an empty statement does not parse either
+            error += abs(solution - evaluate(statement))
         except ValueError:
             error = math.inf
-        if error == math.inf:
             break
     n_ops = sum(first.count(c) for c in "+*")
     if any(sum(s.count(c) for c in "+*") != n_ops - i - 1 for i, s in enumerate(statements)):

@@ -167,7 +167,7 @@ def evaluate(expr: str):
                 raise ValueError(f"expr: exponent {right!r} is beyond ±{MAX_EXPONENT} in {expr!r}")
             try:
                 return _EVAL_BINOPS[type(node.op)](left, right)
-            except (ArithmeticError, TypeError) as exc:  # x/0, float overflow, complex ** float
+            except ArithmeticError as exc:  # x/0, 0**-1, float overflow
                 raise ValueError(f"expr: {exc} in {expr!r}") from None
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -value(node.operand)
