@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import re
 from pathlib import Path
 from typing import Callable, List, Sequence
 
 import torch
 
-from .tasks import solve
+from .tasks import evaluate, solve
 
-BUILTIN_REWARDS = ("arithmetic", "vader")
+BUILTIN_REWARDS = ("arithmetic", "padula-arithmetic", "vader")
 
 _LEADING_INT = re.compile(r"\s*(-?\d+)")
 
@@ -38,6 +39,45 @@ def arithmetic_reward(prompts: Sequence[str], responses: Sequence[str], *, parti
         else:
             out.append(0.0)
     return out
+
+
+CHAIN_ERROR_CAP = 500.0   # simple_operations.py:76, error = min(error, 500)
+CHAIN_ERROR_SCALE = 10.0  # simple_operations.py:79, 2 / (1 + exp(error / 10))
+
+
+def chain_error(text: str) -> float:
+    """The error of a solved chain as simple_operations.py's reward_function measures it (:43-76).
+
+    Spaces are removed and the text split at `=`; the first statement's value is the solution. The error is
+    Σ over the other statements of |solution − value|, inf at the first empty or unparsable statement
+    (`evaluate` raises), and inf if statement i (0-based) has not exactly (operators of the first) − i − 1
+    `+`/`*` characters. It is capped at CHAIN_ERROR_CAP = 500, so an unparsable answer scores like an error
+    of 500. On a chain prompt (its steps are right) and a one-number answer: |answer − solution|."""
+    statements = text.replace(" ", "").split("=")
+    first = statements.pop(0)
+    try:
+        solution = evaluate(first)
+    except ValueError:
+        raise ValueError(f"prompt: expected an arithmetic expression before the first '=', got {text!r}") from None
+    error = 0.0
+    for statement in statements:
+        try:  # an empty statement does not parse either
+            error += abs(solution - evaluate(statement))
+        except ValueError:
+            error = math.inf
+            break
+    n_ops = sum(first.count(c) for c in "+*")
+    if any(sum(s.count(c) for c in "+*") != n_ops - i - 1 for i, s in enumerate(statements)):
+        error = math.inf
+    return min(error, CHAIN_ERROR_CAP)
+
+
+def chain_arithmetic_reward(prompts: Sequence[str], responses: Sequence[str]):
+    """Padula & Soemers' arithmetic reward of prompt + response (trl_math.py:177-178 scores
+    `q + r`): 2 / (1 + exp(error / 10)) with `chain_error` (simple_operations.py:79). 1.0 for the exact
+    answer, 2/(1+e) at an error of 10, 2/(1+e^50) ≈ 3.9e-22 (not 0) when the answer does not parse
+    (an operator, `=`, an empty response)."""
+    return [2.0 / (1.0 + math.exp(chain_error(p + r) / CHAIN_ERROR_SCALE)) for p, r in zip(prompts, responses)]
 
 
 _VADER = None
@@ -133,6 +173,8 @@ def make_reward(name, *, reward_model=None, reward_label=0, partial_credit=False
                            dtype=dtype)
     if name == "arithmetic":
         return lambda prompts, responses: arithmetic_reward(prompts, responses, partial_credit=partial_credit)
+    if name == "padula-arithmetic":
+        return chain_arithmetic_reward
     if name == "vader":
         return vader_reward
     return load_callable(name)

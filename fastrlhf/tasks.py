@@ -1,10 +1,16 @@
 """Prompt sources: generated arithmetic problems, sentiment prompts, or a user file.
 
+`ArithmeticTask` is fastrlhf's own `a<op>b=` task; `ChainArithmeticTask` is the arithmetic task of
+Padula & Soemers (2024), "Reinforcement Learning from Explicitly Programmed Reward Signals"
+(arXiv 2410.17126), as their released code builds it (`simple_arithmatic/` of
+PadLex/Reinforcement-Learning-from-Explicitly-Programmed-Reward-Signals @ 62d1b28).
+
 A task is a plain object with `sample(n, rng) -> list[str]`; `rng` is a `random.Random` owned by
 the trainer (its state goes into checkpoints, so a resumed run draws the same prompts).
 """
 from __future__ import annotations
 
+import ast
 import json
 import operator
 import random
@@ -57,6 +63,127 @@ def solve(prompt: str) -> int:
     raise ValueError(f"prompt: expected 'a<op>b=' with op in {''.join(OPERATORS)}, got {prompt!r}")
 
 
+# Characters of the unspaced expression (simple_operations.py, generate_expression: max_length=10).
+CHAIN_MAX_LENGTH = 10
+# Longest kept text: CONTEXT_SIZE - 2 = 62 characters, for [BOS] and [EOS] (trl_math.py:48 on the
+# spaced prompt, gpt_math.py:125 on the unspaced solved chain).
+CHAIN_MAX_CHARS = 62
+
+
+@dataclass(frozen=True)
+class ChainArithmeticTask:
+    """Padula & Soemers' arithmetic prompts: a sum of terms 0..10 and its step-by-step solution, cut
+    after the last `=`, e.g. `3 + 10 + 7 = 13 + 7 =` (answer 20). The answer is one token of the word
+    tokenizer (`fastrlhf.tokenizer.WordTokenizer`).
+
+    Expression, as simple_operations.py's generate_expression builds it: append `randint(0, 10)` and
+    `+` until the string has at least `max_length` characters, cut it to `max_length` characters (a
+    last `10` can become `1`), drop a trailing `+`, redraw unless its value is below 100. With the
+    released max_length 10: 4 or 5 terms (5 in 95.7% of 2^17 draws), sums 0..46, mean 24.6; the
+    redraw never fires.
+    Chain, as simple_operations.py's solve_expression writes it: replace one `+`, drawn uniformly
+    among all of them (not the leftmost), and its two operands by their sum, until one number is left.
+    Prompt, as trl_math.py's rl_dataset_generator cuts it: spaces around `+` and `=`, everything after
+    the last `=` removed, prompts over `max_chars` characters dropped (0.64% of draws; 63 is the
+    longest), i.e. redrawn here.
+
+    `rng` is drawn in the authors' order (randint and `choice("+")` per term, one choice per step),
+    so `random.Random(0)` yields the prompts of their `random.seed(0)` run in order (trl_math.py
+    draws its 2^17 RL prompts first after the seed; `sample` and `solved` share the stream).
+    """
+
+    max_length: int = CHAIN_MAX_LENGTH
+    max_chars: int = CHAIN_MAX_CHARS
+
+    def __post_init__(self):
+        for name in ("max_length", "max_chars"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+
+    def _expression(self, rng: random.Random) -> List[int]:
+        while True:
+            text = ""
+            while len(text) < self.max_length:
+                text += str(rng.randint(0, 10))
+                text += rng.choice("+")  # one draw, as their random.choice("+"), keeps the stream aligned
+            text = text[:self.max_length].removesuffix("+")
+            terms = [int(t) for t in text.split("+")]
+            if sum(terms) < 100:
+                return terms
+
+    def _chain(self, rng: random.Random) -> List[List[int]]:
+        """[terms, terms after one step, ..., [answer]] of one fresh expression."""
+        steps = [self._expression(rng)]
+        while len(steps[-1]) > 1:
+            t = steps[-1]
+            i = rng.randrange(len(t) - 1)  # their random.choice over the `+` positions: one _randbelow
+            steps.append(t[:i] + [t[i] + t[i + 1]] + t[i + 2:])
+        return steps
+
+    @staticmethod
+    def _text(steps: Sequence[Sequence[int]]) -> str:
+        return " = ".join(" + ".join(map(str, t)) for t in steps)
+
+    def sample(self, n: int, rng: random.Random) -> List[str]:
+        """`n` prompts: the chain up to and including its last ` =` (the final number removed)."""
+        out = []
+        while len(out) < n:
+            steps = self._chain(rng)
+            prompt = self._text(steps[:-1]) + " ="
+            if len(prompt) <= self.max_chars:
+                out.append(prompt)
+        return out
+
+    def solved(self, n: int, rng: random.Random) -> List[str]:
+        """`n` solved chains, e.g. `3 + 10 + 7 = 13 + 7 = 20`: the supervised examples of gpt_math.py's
+        dataset_generator (its length check is on the unspaced chain, which never exceeds 62
+        characters at max_length 10)."""
+        out = []
+        while len(out) < n:
+            steps = self._chain(rng)
+            if len(self._text(steps).replace(" ", "")) <= self.max_chars:
+                out.append(self._text(steps))
+        return out
+
+
+_EVAL_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+                ast.Pow: operator.pow}
+MAX_EXPONENT = 1000  # larger exponents are refused (a `9**9**9` would take hours); see evaluate
+
+
+def evaluate(expr: str):
+    """The value of a Python arithmetic expression made of number literals, + - * / ** and unary
+    minus, the language of the authors' safe_eval.py (safe_eval); anything else raises ValueError,
+    as does a division by zero or an exponent above MAX_EXPONENT in absolute value (safe_eval has no
+    such bound; with one-token answers no exponent can occur)."""
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, complex)) \
+                and not isinstance(node.value, bool):  # what isinstance(node, ast.Num) accepts
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _EVAL_BINOPS:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
+                raise ValueError(f"expr: exponent {right!r} is beyond ±{MAX_EXPONENT} in {expr!r}")
+            try:
+                return _EVAL_BINOPS[type(node.op)](left, right)
+            except ArithmeticError as exc:  # x/0, 0**-1, float overflow
+                raise ValueError(f"expr: {exc} in {expr!r}") from None
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        raise ValueError(f"expr: expected numbers, + - * / ** and unary -, got {type(node).__name__} in {expr!r}")
+
+    try:
+        return value(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, RecursionError) as exc:  # ast.parse also raises ValueError (a NUL byte): passed on
+        raise ValueError(f"expr: not an expression ({exc.__class__.__name__}): {expr!r}") from None
+
+
+def solve_chain(prompt: str):
+    """The answer of a chain prompt: the value of its first statement (`3 + 10 + 7 = 13 + 7 =` -> 20)."""
+    return evaluate(prompt.split("=", 1)[0].replace(" ", ""))
+
+
 @dataclass(frozen=True)
 class PromptListTask:
     """Prompts drawn uniformly (with replacement) from a fixed list."""
@@ -100,13 +227,19 @@ def load_prompts(path) -> List[str]:
 
 
 def make_task(name: str, *, digits: int = 1, operators: str = "+", prompts_file=None):
-    """`arithmetic`, `sentiment` (built-in list, or `prompts_file` if given) or `file`."""
+    """`arithmetic`, `padula-arithmetic` (ChainArithmeticTask: `+` only, terms 0..10), `sentiment`
+    (built-in list, or `prompts_file` if given) or `file`."""
     if name == "arithmetic":
         return ArithmeticTask(digits=digits, operators=operators)
+    if name == "padula-arithmetic":
+        if digits != 1 or operators != "+":
+            raise ValueError(f"digits, operators: task 'padula-arithmetic' has terms 0..10 and '+' only, got "
+                             f"digits={digits!r}, operators={operators!r}")
+        return ChainArithmeticTask()
     if name == "sentiment":
         return PromptListTask(tuple(load_prompts(prompts_file)) if prompts_file else SENTIMENT_PROMPTS)
     if name == "file":
         if not prompts_file:
             raise ValueError("prompts: task 'file' needs --prompts FILE, got none")
         return PromptListTask(tuple(load_prompts(prompts_file)))
-    raise ValueError(f"task: expected one of ('arithmetic', 'sentiment', 'file'), got {name!r}")
+    raise ValueError(f"task: expected one of ('arithmetic', 'padula-arithmetic', 'sentiment', 'file'), got {name!r}")

@@ -38,6 +38,7 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastrlhf/kernels/__init__.py" in names
     assert "fastrlhf/ops.py" in names and "fastrlhf/ref.py" in names
+    assert "fastrlhf/recipes/padula-arithmetic.yaml" in names
     assert not any(n.startswith("kernels/") for n in names), "no top-level `kernels` module"
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
