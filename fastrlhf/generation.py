@@ -7,6 +7,11 @@ once in a CUDA graph and replayed (falls back to eager, with one warning, when c
 model that cannot use transformers' StaticCache decodes over its own cache, also with a warning).
 Finished rows (EOS drawn) keep running but emit `pad_token_id` with log-prob 0; the done flags
 stay on the device and are read back every `_CHECK_EVERY` steps to stop early.
+
+The parts, as in gpt-fast's generate.py: `check_inputs`, `prefill` (prompt forward -> first logits
+and a decoder, the object that runs one decode forward), `decode_one_token` (one draw per row),
+`decode_n_tokens` (the loop), and `generate` composing them. Sequences and position ids follow
+(README, "Sequence layout").
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops
+from .sequences import position_ids
 
 # Steps between host reads of the done flags: one sync per 16 decode steps instead of one per step.
 _CHECK_EVERY = 16
@@ -63,7 +69,7 @@ def _model_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-class _Decoder:
+class _StaticDecoder:
     """One decode step `tokens [B] -> logits [B, V]` over the static cache; CUDA-graph replayed on GPU."""
 
     def __init__(self, model, cache, full_mask, pos0, prompt_len, use_cache_position, logits_kw):
@@ -108,8 +114,9 @@ class _Decoder:
                 self.logits = self._run()
             self.graph = graph
         except Exception as exc:  # a model or transformers version that cannot be captured
+            # stacklevel 5: __call__ < decode_n_tokens < generate < torch.no_grad wrapper < generate's caller
             warnings.warn(f"fastrlhf.generate: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
-                          f"decoding eagerly", RuntimeWarning, stacklevel=3)
+                          f"decoding eagerly", RuntimeWarning, stacklevel=5)
         return logits
 
 
@@ -137,18 +144,11 @@ def _eos_tensor(eos_token_id, device) -> Optional[torch.Tensor]:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> Generation:
-    """Sample up to `max_new_tokens` tokens per row from `model` after the left-padded prompts
-    `input_ids` [B, P] (`attention_mask` [B, P]: 0 on the left padding; None = no padding).
-
-    temperature / top_k / top_p as in `fastrlhf.sample_tokens` (temperature 0 or top_k 1 is greedy);
-    a row stops after it draws a token in `eos_token_id`; `pad_token_id` (default: the first EOS id,
-    else 0) fills the positions after. Returns a `Generation`.
-    """
+def check_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
+                 eos_token_id: Union[int, Sequence[int], None], pad_token_id: Optional[int]
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """Validate `generate`'s arguments -> (mask [B, P] int64 on input_ids' device, 1 = no padding when
+    `attention_mask` is None; eos ids [E] int64 or None; pad_token_id, default the first EOS id, else 0)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected a 2-dim tensor [B, P], got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
@@ -166,16 +166,28 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     eos = _eos_tensor(eos_token_id, device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
-    N = max_new_tokens
+    return mask, eos, pad_token_id
 
+
+def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
+    """The prompt forward: input_ids, mask [B, P] (left padded, checked) -> (logits [B, V] for the first
+    new token, decoder). `decoder(tokens [B], step) -> logits [B, V]` feeds the tokens drawn at `step`
+    and returns the logits for step + 1.
+
+    The decoder runs over a static cache of P + max_new_tokens positions (CUDA-graph replayed on GPU);
+    a model or transformers version that cannot use it (an error while building the cache or in this
+    forward) warns once and decodes over the model's own growing cache. Runs under torch.no_grad()
+    (as `generate` calls it)."""
+    device = input_ids.device
+    B, P = input_ids.shape
+    N = max_new_tokens
     params = _forward_params(model)
     use_cache_position = "cache_position" in params
     logits_kw = ({"logits_to_keep": 1} if "logits_to_keep" in params
                  else {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
     full_mask = torch.cat([mask, torch.ones(B, N, dtype=torch.long, device=device)], dim=1)
-    # Positions as Hugging Face generate counts them: 0.. over the valid tokens, 1 on the padding.
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    pos0 = mask.sum(-1, keepdim=True)
+    positions = position_ids(mask)
+    pos0 = mask.sum(-1, keepdim=True)     # [B, 1]: position_ids(full_mask) of the first new token
     try:
         cache = _static_cache(model, B, P + N, device, _model_dtype(model))
         kw = dict(attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True,
@@ -183,38 +195,83 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if use_cache_position:
             kw["cache_position"] = torch.arange(P, device=device)
         logits = model(input_ids, **kw).logits[:, -1, :]
-        decoder = _Decoder(model, cache, full_mask, pos0, P, use_cache_position, logits_kw)
+        return logits, _StaticDecoder(model, cache, full_mask, pos0, P, use_cache_position, logits_kw)
     except (TypeError, ValueError, AttributeError, NotImplementedError, ImportError) as exc:
-        # A model / transformers version without StaticCache support (e.g. GPT-2 on older 4.x)
+        # A model / transformers version without StaticCache support (e.g. GPT-2 on older 4.x).
+        # stacklevel 4: prefill < generate < torch.no_grad wrapper < generate's caller
         warnings.warn(f"fastrlhf.generate: static KV cache unavailable for {type(model).__name__} "
                       f"({type(exc).__name__}: {exc}); decoding with the model's own cache, no CUDA graph",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         out = model(input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits_kw)
-        logits = out.logits[:, -1, :]
-        decoder = _GrowingDecoder(model, out.past_key_values, full_mask, pos0, P, logits_kw)
+        return out.logits[:, -1, :], _GrowingDecoder(model, out.past_key_values, full_mask, pos0, P, logits_kw)
+
+
+def decode_one_token(logits: torch.Tensor, done: torch.Tensor, *, eos: Optional[torch.Tensor],
+                     pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     generator: Optional[torch.Generator] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step's draw: logits [B, V], done [B] bool (row stopped at an earlier step) ->
+    (tokens [B] int64, logprobs [B] float32, done [B]). Rows already done emit `pad_token_id` with
+    log-prob 0; a row that draws an id in `eos` [E] emits it with its log-prob and is done from the
+    next step on (eos None: done is returned unchanged). `done` is not modified; the new flags are returned."""
+    tok, lp = ops.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    out_tok = torch.where(done, pad_token_id, tok)
+    out_lp = torch.where(done, 0.0, lp.float())
+    if eos is not None:
+        done = done | torch.isin(tok, eos)
+    return out_tok, out_lp, done
+
+
+def decode_n_tokens(decoder, logits: torch.Tensor, max_new_tokens: int, *, eos: Optional[torch.Tensor],
+                    pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    generator: Optional[torch.Generator] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decode loop from prefill's logits [B, V] and decoder -> (tokens [B, n] int64, logprobs [B, n]
+    float32, live [B, n] bool), live[:, t] = the row had not drawn an EOS before step t.
+
+    n = max_new_tokens, or the first t + 1 with t % _CHECK_EVERY == _CHECK_EVERY - 1 (the only steps at
+    which the done flags are read on the host) at which every row is done. Runs under torch.no_grad()
+    (as `generate` calls it)."""
+    B, device, N = logits.shape[0], logits.device, max_new_tokens
     tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)
-    live = torch.ones(B, N, dtype=torch.bool, device=device)   # live[:, t]: row had not stopped before t
+    live = torch.ones(B, N, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    steps = N
     for t in range(N):
         if t > 0:
             logits = decoder(tokens[:, t - 1], t - 1)
-        tok, lp = ops.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    generator=generator)
         live[:, t] = ~done
-        tokens[:, t] = torch.where(done, pad_token_id, tok)
-        logprobs[:, t] = torch.where(done, 0.0, lp.float())
-        if eos is not None:
-            done |= torch.isin(tok, eos)
-            if t % _CHECK_EVERY == _CHECK_EVERY - 1 and t + 1 < N and bool(done.all()):
-                steps = t + 1
-                break
-    response_mask = live[:, :steps].long()
-    n = int(response_mask.sum(-1).max()) if eos is not None else steps
+        tokens[:, t], logprobs[:, t], done = decode_one_token(
+            logits, done, eos=eos, pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
+            top_p=top_p, generator=generator)
+        if eos is not None and t % _CHECK_EVERY == _CHECK_EVERY - 1 and t + 1 < N and bool(done.all()):
+            return tokens[:, : t + 1], logprobs[:, : t + 1], live[:, : t + 1]
+    return tokens, logprobs, live
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None) -> Generation:
+    """Sample up to `max_new_tokens` tokens per row from `model` after the left-padded prompts
+    `input_ids` [B, P] (`attention_mask` [B, P]: 0 on the left padding; None = no padding).
+
+    temperature / top_k / top_p as in `fastrlhf.sample_tokens` (temperature 0 or top_k 1 is greedy);
+    a row stops after it draws a token in `eos_token_id`; `pad_token_id` (default: the first EOS id,
+    else 0) fills the positions after. Returns a `Generation`.
+    """
+    mask, eos, pad_token_id = check_inputs(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    logits, decoder = prefill(model, input_ids, mask, max_new_tokens)
+    tokens, logprobs, live = decode_n_tokens(decoder, logits, max_new_tokens, eos=eos, pad_token_id=pad_token_id,
+                                             temperature=temperature, top_k=top_k, top_p=top_p,
+                                             generator=generator)
+    # drop the columns after every row's EOS: n = the longest response
+    response_mask = live.long()
+    n = int(response_mask.sum(-1).max()) if eos is not None else tokens.shape[1]
     return Generation(sequences=torch.cat([input_ids, tokens[:, :n]], dim=1),
                       response_mask=response_mask[:, :n].contiguous(),
                       logprobs=logprobs[:, :n].contiguous())
 
 
-__all__ = ["Generation", "generate"]
+__all__ = ["Generation", "generate", "check_inputs", "prefill", "decode_one_token", "decode_n_tokens"]

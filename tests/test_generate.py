@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from fastrlhf.generation import generate
+from fastrlhf.generation import check_inputs, decode_n_tokens, decode_one_token, generate, prefill
 
 transformers = pytest.importorskip("transformers")
 
@@ -161,6 +161,113 @@ def test_bad_inputs():
     right = mask.flip(-1)
     with pytest.raises(ValueError, match="left padding"):
         generate(model, ids, right, max_new_tokens=2)
+
+
+def test_check_inputs_defaults_and_eos_ids():
+    ids, mask = _prompts()
+    got, eos, pad = check_inputs(ids, mask.bool(), 4, [7, 9], None)
+    assert got.dtype == torch.long and torch.equal(got, mask)
+    assert eos.tolist() == [7, 9] and pad == 7                        # pad defaults to the first EOS id
+    got, eos, pad = check_inputs(ids, None, 4, None, None)
+    assert torch.equal(got, torch.ones_like(ids)) and eos is None and pad == 0
+    assert check_inputs(ids, mask, 4, 7, 3)[2] == 3                  # an explicit pad_token_id wins
+    with pytest.raises(ValueError, match="input_ids"):
+        check_inputs(ids[0], None, 4, None, None)
+    for bad in ([], [1.5], "2"):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            check_inputs(ids, mask, 4, bad, None)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_prefill_static_cache_logits_match_full_forward(kind):
+    """prefill takes the static cache (no silent fallback, which generate's outputs would not show) and its
+    logits and the decoder's first step equal a full forward (position ids: index among valid tokens)."""
+    import fastrlhf.generation as generation
+
+    model = _model(kind)
+    ids, mask = _prompts()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        logits, decoder = prefill(model, ids, mask, 3)
+        nxt = logits.argmax(-1)
+        step1 = decoder(nxt, 0)
+        seq, full = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = (full.cumsum(-1) - 1).clamp_min(0)
+        want = model(seq, attention_mask=full, position_ids=pos).logits
+    assert isinstance(decoder, generation._StaticDecoder)
+    torch.testing.assert_close(logits, want[:, -2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step1, want[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_fallback_warning_names_the_caller(monkeypatch):
+    import fastrlhf.generation as generation
+
+    def no_static_cache(*args, **kwargs):
+        raise TypeError("StaticCache not supported here")
+
+    monkeypatch.setattr(generation, "_static_cache", no_static_cache)
+    ids, mask = _prompts()
+    with pytest.warns(RuntimeWarning, match="static KV cache unavailable") as records:
+        generate(_model("llama"), ids, mask, max_new_tokens=2, temperature=0.0)
+    assert [r.filename for r in records if "static KV cache" in str(r.message)] == [__file__]
+
+
+def _peaked(ids, vocab=16):
+    """ids [B] -> logits [B, vocab] whose greedy draw is ids, log-prob 5 - log(e^5 + vocab - 1)."""
+    return torch.nn.functional.one_hot(ids, vocab).float() * 5.0
+
+
+PEAK_LOGPROB = 5.0 - torch.log(torch.tensor(5.0).exp() + 15).item()
+
+
+def test_decode_one_token_pads_done_rows_and_flags_any_eos_id():
+    logits = _peaked(torch.tensor([5, 6, 6, 9]))
+    done = torch.tensor([False, True, False, False])
+    tok, lp, new_done = decode_one_token(logits, done, eos=torch.tensor([5, 6]), pad_token_id=0, temperature=0.0)
+    assert tok.tolist() == [5, 0, 6, 9]                              # the EOS itself is emitted, with its log-prob
+    torch.testing.assert_close(lp, torch.tensor([PEAK_LOGPROB, 0.0, PEAK_LOGPROB, PEAK_LOGPROB]))
+    assert new_done.tolist() == [True, True, True, False]
+    assert done.tolist() == [False, True, False, False]              # the caller's flags are not modified
+    tok, _, same = decode_one_token(logits, torch.zeros(4, dtype=torch.bool), eos=None, pad_token_id=0,
+                                    temperature=0.0)
+    assert tok.tolist() == [5, 6, 6, 9] and not same.any()
+
+
+class _Scripted:
+    """A decoder whose greedy draw at step t is script[:, t]; records (step, tokens fed) per call."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def __call__(self, tokens, step):
+        self.calls.append((step, tokens.tolist()))
+        return _peaked(self.script[:, step + 1])
+
+
+@pytest.mark.parametrize("eos_steps,max_new,n", [
+    ((0, 2, 5), 40, 16),     # all done at step 5: stops at the first check (step 15), not at 5
+    ((0, 2, 20), 40, 32),    # all done at step 20: the next check is step 31
+    ((0, 2, 5), 10, 10),     # no check before max_new_tokens: runs to the end
+    ((0, 2, 5), 16, 16),     # the check at the last step does not cut anything
+    ((0, 2, 50), 40, 40),    # row 2 never stops
+])
+def test_decode_n_tokens_stops_at_check_boundary_and_pads_after_eos(eos_steps, max_new, n):
+    EOS, PAD = 2, 0
+    script = torch.full((3, max_new + 1), 7)
+    for row, s in enumerate(eos_steps):
+        if s < max_new:
+            script[row, s] = EOS
+    decoder = _Scripted(script)
+    tokens, logprobs, live = decode_n_tokens(decoder, _peaked(script[:, 0]), max_new, eos=torch.tensor([EOS]),
+                                             pad_token_id=PAD, temperature=0.0)
+    assert tokens.shape == logprobs.shape == live.shape == (3, n)
+    t = torch.arange(n)
+    want_live = torch.stack([t <= s for s in eos_steps])
+    assert torch.equal(live, want_live)
+    assert torch.equal(tokens, torch.where(want_live, script[:, :n], PAD))
+    torch.testing.assert_close(logprobs, torch.where(want_live, PEAK_LOGPROB, 0.0))
+    # the decoder saw steps 0 .. n-2, each with the tokens emitted at that step (pad for finished rows)
+    assert decoder.calls == [(step, tokens[:, step].tolist()) for step in range(n - 1)]
 
 
 @pytest.mark.cuda
