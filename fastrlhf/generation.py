@@ -46,6 +46,18 @@ def _forward_params(model) -> set:
     return set(inspect.signature(base.forward).parameters)
 
 
+def _cache_arg(model) -> str:
+    """The forward's KV-cache argument: `cache` since transformers 5.2x (where `past_key_values` is
+    deprecated and warns on every call), `past_key_values` before."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _returned_cache(out):
+    """The cache a forward returned: `out.cache` on newer transformers, `out.past_key_values` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _static_cache(model, batch: int, max_len: int, device, dtype):
     """transformers' StaticCache across versions: 4.x takes (config, max_batch_size, max_cache_len,
     device, dtype) and allocates at once; 5.x takes (config, max_cache_len) and allocates on the
@@ -74,6 +86,7 @@ class _StaticDecoder:
 
     def __init__(self, model, cache, full_mask, pos0, prompt_len, use_cache_position, logits_kw):
         self.model, self.cache, self.full_mask = model, cache, full_mask
+        self.cache_arg = _cache_arg(model)
         self.pos0, self.prompt_len = pos0, prompt_len        # pos0 [B, 1]: position of the first new token
         self.use_cache_position, self.logits_kw = use_cache_position, logits_kw
         device = full_mask.device
@@ -84,8 +97,8 @@ class _StaticDecoder:
         self.try_graph = device.type == "cuda"
 
     def _run(self):
-        kw = dict(attention_mask=self.full_mask, position_ids=self.pos, past_key_values=self.cache,
-                  use_cache=True, **self.logits_kw)
+        kw = {"attention_mask": self.full_mask, "position_ids": self.pos, self.cache_arg: self.cache,
+              "use_cache": True, **self.logits_kw}
         if self.use_cache_position:
             kw["cache_position"] = self.cache_pos
         return self.model(self.tok, **kw).logits[:, -1, :]
@@ -126,12 +139,13 @@ class _GrowingDecoder:
     def __init__(self, model, past, full_mask, pos0, prompt_len, logits_kw):
         self.model, self.past, self.full_mask = model, past, full_mask
         self.pos0, self.prompt_len, self.logits_kw = pos0, prompt_len, logits_kw
+        self.cache_arg = _cache_arg(model)
 
     def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         out = self.model(tokens[:, None], attention_mask=self.full_mask[:, : self.prompt_len + step + 1],
-                         position_ids=self.pos0 + step, past_key_values=self.past, use_cache=True,
+                         position_ids=self.pos0 + step, use_cache=True, **{self.cache_arg: self.past},
                          **self.logits_kw)
-        self.past = out.past_key_values
+        self.past = _returned_cache(out)
         return out.logits[:, -1, :]
 
 
@@ -190,8 +204,8 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
     pos0 = mask.sum(-1, keepdim=True)     # [B, 1]: position_ids(full_mask) of the first new token
     try:
         cache = _static_cache(model, B, P + N, device, _model_dtype(model))
-        kw = dict(attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                  **logits_kw)
+        kw = {"attention_mask": full_mask, "position_ids": positions, _cache_arg(model): cache, "use_cache": True,
+              **logits_kw}
         if use_cache_position:
             kw["cache_position"] = torch.arange(P, device=device)
         logits = model(input_ids, **kw).logits[:, -1, :]
@@ -203,7 +217,7 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
                       f"({type(exc).__name__}: {exc}); decoding with the model's own cache, no CUDA graph",
                       RuntimeWarning, stacklevel=4)
         out = model(input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits_kw)
-        return out.logits[:, -1, :], _GrowingDecoder(model, out.past_key_values, full_mask, pos0, P, logits_kw)
+        return out.logits[:, -1, :], _GrowingDecoder(model, _returned_cache(out), full_mask, pos0, P, logits_kw)
 
 
 def decode_one_token(logits: torch.Tensor, done: torch.Tensor, *, eos: Optional[torch.Tensor],

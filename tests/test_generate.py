@@ -281,3 +281,20 @@ def test_cuda_graph_greedy_matches_hf(kind):
     ref = _hf_greedy(model, ids, mask, 20, None)
     assert not [str(r.message) for r in records if "CUDA graph" in str(r.message)]
     assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_no_deprecated_cache_argument(static, monkeypatch):
+    """transformers 5.2x renamed the forward's `past_key_values` to `cache` and warns on the old name at
+    every call (three FutureWarnings per `fastrlhf train`): generate passes whichever name the model takes."""
+    import fastrlhf.generation as generation
+
+    if not static:
+        monkeypatch.setattr(generation, "_static_cache", lambda *a, **k: (_ for _ in ()).throw(TypeError("no")))
+    model = _model("llama")
+    ids, mask = _prompts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(model, ids, mask, max_new_tokens=6, temperature=0.0, pad_token_id=0)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    assert torch.equal(out.sequences, _hf_greedy(model, ids, mask, 6, None))
