@@ -307,8 +307,8 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2):
     they reach neither the loss nor the gradient."""
     _check_float("values", values)
     for name, t in (("old_values", old_values), ("returns", returns)):
-        _check_float(name, t)
         _check_same(name, t, values.shape, values.device)
+        _check_float(name, t)
     _check_mask("mask", mask, values.shape, values.device)
     clip = _number("clip", clip, "None or a number > 0", lambda v: v > 0, none_ok=True)
     return ref.value_loss(values, old_values, returns, mask, clip=clip)
@@ -389,8 +389,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     _check_float("rewards", rewards)
     if rewards.dim() != 2:
         raise ValueError(f"rewards: expected 2 dims [B, T], got shape {tuple(rewards.shape)}")
-    _check_float("values", values)
     _check_same("values", values, rewards.shape, rewards.device)
+    _check_float("values", values)
     _check_mask("mask", mask, rewards.shape, rewards.device)
     gamma, lam = _check_unit_interval("gamma", gamma), _check_unit_interval("lam", lam)
     m = mask.bool()
