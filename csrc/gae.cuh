@@ -2,10 +2,11 @@
 // (included by the .cu file; tests/emu/cuda_emu.h stands in for it when the tests run this kernel on the CPU).
 //
 // One block per row, the row walked in tiles of BLOCK*ITEMS positions from the end. The recurrence
-// A_t = a_t A_{t+1} + b_t (a_t = k_t ? gamma lam : 0, b_t = k_t ? delta_t : 0, k_t = m_t != 0) is affine, so each thread composes the
-// maps of its ITEMS contiguous positions, a block scan of the maps (tid 0 holds the rightmost chunk) gives
-// each thread the A entering its chunk, and the tile's leftmost A is the carry into the next tile. Reads
-// r, V, mask once (V_{t+1} of a chunk's last item comes from cache) and writes A, R once: the bandwidth floor.
+// A_t = a_t A_{t+1} + b_t (a_t = k_t ? gamma lam : 0, b_t = k_t ? delta_t : 0, k_t = m_t != 0) is affine,
+// so each thread composes the maps of its ITEMS contiguous positions, a block scan of the maps (tid 0
+// holds the rightmost chunk) gives each thread the A entering its chunk, and the tile's leftmost A is the
+// carry into the next tile. Reads r, V, mask once (V_{t+1} of a chunk's last item comes from cache) and
+// writes A, R once: the bandwidth floor.
 // Masked positions are selected to 0, never multiplied by m_t (padding may hold NaN or inf; ops.cpp).
 #pragma once
 #include <cstdint>

@@ -12,10 +12,11 @@
 //   fastrlhf::sample_tokens(logits, uniforms, temperature, top_k, top_p) -> (tokens, logprobs)
 //       logits [B, V] (float32/bf16/fp16/float64), uniforms float64 [B] in [0, 1) (unused when greedy).
 //       z = (logits - max logits) / tau (tau = temperature, 1 when temperature == 0; temperature is 0 or
-//       >= FLT_MIN; the shift keeps z <= 0, so no finite logit overflows); keep the top_k largest z (0 = all; ties at the k-th value kept), then
-//       the smallest set of largest z whose mass under the top-k-renormalized softmax reaches top_p;
-//       draw by inverse CDF over the kept tokens in index order: the first i with
-//       sum_{j <= i, kept} e_j > u * sum_{kept} e_j, e_j = exp(z_j) (float32; sums in float64). tokens int64 [B];
+//       >= FLT_MIN; the shift keeps z <= 0, so no finite logit overflows at any tau); keep the top_k
+//       largest z (0 = all; ties at the k-th value kept), then the smallest set of largest z whose mass
+//       under the top-k-renormalized softmax reaches top_p; draw by inverse CDF over the kept tokens in
+//       index order: the first i with sum_{j <= i, kept} e_j > u * sum_{kept} e_j, e_j = exp(z_j)
+//       (float32; sums in float64). tokens int64 [B];
 //       logprobs float32 [B] = z_tok - logsumexp(z) (the tempered full softmax).
 //       temperature == 0 or top_k == 1: greedy (first index of the max logit), its log-prob under the
 //       same softmax: untempered only when temperature == 0.

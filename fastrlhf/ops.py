@@ -125,6 +125,7 @@ MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 
 
 def _check_tensor(name, t):
+    """A tensor with data (not on the meta device, whose values cannot be read or computed)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.is_meta:
@@ -132,9 +133,16 @@ def _check_tensor(name, t):
 
 
 def _check_float(name, t):
-    _check_tensor(name, t)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name}: expected a floating dtype {_FLOATS}, got {t.dtype}")
+
+
+def _check_first(name, t):
+    """An op's first tensor argument: floating, with data; the others must be on its device."""
+    _check_tensor(name, t)
+    _check_float(name, t)
 
 
 def _capturing(t) -> bool:
@@ -273,9 +281,9 @@ def token_entropy(logits, *, temperature=1.0):
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     """Per-token KL estimate (k1 | k2 | k3) of π against π_ref from the sampled token's log-probs."""
     _check_choice("estimator", estimator, KL_ESTIMATORS)
-    _check_float("logprobs", logprobs)
-    _check_float("ref_logprobs", ref_logprobs)
+    _check_first("logprobs", logprobs)
     _check_same("ref_logprobs", ref_logprobs, logprobs.shape, logprobs.device)
+    _check_float("ref_logprobs", ref_logprobs)
     return ref.kl_penalty(logprobs, ref_logprobs, estimator)
 
 
@@ -305,7 +313,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2):
 
     clip: None (½(V−R)², old_values unused) or ε_v > 0. Masked positions may hold anything (NaN too):
     they reach neither the loss nor the gradient."""
-    _check_float("values", values)
+    _check_first("values", values)
     for name, t in (("old_values", old_values), ("returns", returns)):
         _check_same(name, t, values.shape, values.device)
         _check_float(name, t)
@@ -386,7 +394,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     """rewards, values, mask [B, T] (right-padded: mask is a 0/1 prefix of ones per row) ->
     (advantages, returns) [B, T] float32; values past the last valid token count as 0. gamma, lam in
     [0, 1]. Masked positions may hold anything (NaN too) and come out 0 (README, "Advantages and rewards")."""
-    _check_float("rewards", rewards)
+    _check_first("rewards", rewards)
     if rewards.dim() != 2:
         raise ValueError(f"rewards: expected 2 dims [B, T], got shape {tuple(rewards.shape)}")
     _check_same("values", values, rewards.shape, rewards.device)
@@ -402,7 +410,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
 def whiten(x, mask, *, shift_mean=True):
     """Masked whitening over valid tokens; safe with 0 or 1 valid token. Masked positions may hold
     anything (NaN too): they reach neither the statistics nor the gradient, and come out 0."""
-    _check_float("x", x)
+    _check_first("x", x)
     _check_mask("mask", mask, x.shape, x.device)
     return ref.whiten(x, mask, shift_mean=shift_mean)
 
@@ -414,7 +422,7 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
     top_k == 1 is greedy too, its log-prob still under the tempered softmax. temperature: 0 or a number
     >= MIN_TEMPERATURE; generator: None or a torch.Generator on the logits' device. No host reads (the
     checks look at Python values, shapes and devices only)."""
-    _check_float("logits", logits)
+    _check_first("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits: expected 2 dims [B, V], got shape {tuple(logits.shape)}")
     if logits.shape[1] == 0:

@@ -199,3 +199,17 @@ def test_check_generate_inputs_vocabulary_from_the_config_or_refused():
         ops.check_generate_inputs(ConfigOnly(), ids + 1, None)
     with pytest.raises(ValueError, match="model: expected a model with get_input_embeddings"):
         ops.check_generate_inputs(object(), ids, None)
+
+
+@pytest.mark.cuda
+def test_mask_checks_read_nothing_while_a_cuda_graph_is_captured():
+    """A host read (bool(mask.any())) inside a capture raises; _check_mask skips the value check there."""
+    x, mask = (t.cuda() for t in _x_mask())
+    want_x, want_v = F.whiten(x, mask), F.value_loss(x, 0.5 * x, x, mask)[0]   # also the warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got_x = F.whiten(x, mask)
+        got_v = F.value_loss(x, 0.5 * x, x, mask)[0]
+    graph.replay()
+    torch.testing.assert_close(got_x, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)

@@ -193,7 +193,7 @@ def test_bad_knobs_are_refused_naming_them(kwargs, error, match):
 
 
 def test_bad_logits_are_refused():
-    with pytest.raises(ValueError, match=r"logits: expected a vocabulary of V >= 1 tokens \[B, V\], got shape \(2, 0\)"):
+    with pytest.raises(ValueError, match=r"logits: expected a vocabulary of V >= 1 tokens .*got shape \(2, 0\)"):
         fastrlhf.sample_tokens(torch.randn(2, 0))
     with pytest.raises(ValueError, match=r"logits: expected 2 dims \[B, V\], got shape \(\)"):
         fastrlhf.sample_tokens(torch.tensor(1.0))
