@@ -2,19 +2,24 @@
 // (CUDA implementations: ops_cuda.cu, registered for the same schemas.)
 //
 //   fastrlhf::gae(rewards, values, mask, gamma, lam) -> (advantages, returns)
-//       rewards, values, mask: float32 [B, T], contiguous, right padded (mask a prefix of ones).
-//       Per row, from t = T-1 down to 0 (v_t = V_t m_t, v_T = 0):
-//           delta_t = r_t m_t + gamma v_{t+1} - v_t,   A_t = (delta_t + gamma lam A_{t+1}) m_t,
-//           R_t = (A_t + v_t) m_t                      (fastrlhf.ref.gae, same float32 operation order)
+//       rewards, values, mask: float32 [B, T], contiguous, right padded (mask a prefix of ones); gamma,
+//       lam in [0, 1]. Per row, from t = T-1 down to 0, with k_t = (m_t != 0) and sel(k, a) = k ? a : 0
+//       (a select, never a product with m_t: padding may hold NaN or inf, and 0 * NaN = NaN):
+//           v_t = sel(k_t, V_t), v_T = 0,   delta_t = sel(k_t, r_t) + gamma v_{t+1} - v_t,
+//           A_t = sel(k_t, delta_t + gamma lam A_{t+1}),   R_t = sel(k_t, A_t + v_t)
+//       (fastrlhf.ref.gae, same float32 operation order).
 //
 //   fastrlhf::sample_tokens(logits, uniforms, temperature, top_k, top_p) -> (tokens, logprobs)
 //       logits [B, V] (float32/bf16/fp16/float64), uniforms float64 [B] in [0, 1) (unused when greedy).
-//       z = logits / temperature; keep the top_k largest z (0 = all; ties at the k-th value kept), then
-//       the smallest set of largest z whose mass under the top-k-renormalized softmax reaches top_p;
-//       draw by inverse CDF over the kept tokens in index order: the first i with
-//       sum_{j <= i, kept} e_j > u * sum_{kept} e_j, e_j = exp(z_j - max z) (float32; sums in float64). tokens int64 [B];
+//       z = (logits - max logits) / tau (tau = temperature, 1 when temperature == 0; temperature is 0 or
+//       >= FLT_MIN; the shift keeps z <= 0, so no finite logit overflows at any tau); keep the top_k
+//       largest z (0 = all; ties at the k-th value kept), then the smallest set of largest z whose mass
+//       under the top-k-renormalized softmax reaches top_p; draw by inverse CDF over the kept tokens in
+//       index order: the first i with sum_{j <= i, kept} e_j > u * sum_{kept} e_j, e_j = exp(z_j)
+//       (float32; sums in float64). tokens int64 [B];
 //       logprobs float32 [B] = z_tok - logsumexp(z) (the tempered full softmax).
-//       temperature == 0 or top_k == 1: greedy (first index of the max logit).
+//       temperature == 0 or top_k == 1: greedy (first index of the max logit), its log-prob under the
+//       same softmax: untempered only when temperature == 0.
 //       A row with a NaN logit, a +inf one or no finite one still gets an index in [0, V) (which one is
 //       unspecified), with logprob NaN: no host synchronization, and nothing out of range downstream.
 //   Both keep sets are thresholds on z: kept(i) <=> z_i >= thr.
@@ -37,7 +42,7 @@ namespace fastrlhf {
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
-  check_gae(rewards, values, mask);
+  check_gae(rewards, values, mask, gamma, lam);
   auto adv = at::empty_like(rewards);
   auto ret = at::empty_like(rewards);
   const int64_t B = rewards.size(0), T = rewards.size(1);
@@ -51,33 +56,17 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
       float *a = pa + b * T, *R = pR + b * T;
       float last = 0.f, v_next = 0.f;
       for (int64_t t = T - 1; t >= 0; --t) {
-        const float mt = m[t], vt = v[t] * mt;
-        const float delta = r[t] * mt + g * v_next - vt;
-        last = (delta + c * last) * mt;
+        const bool keep = m[t] != 0.f;
+        const float vt = keep ? v[t] : 0.f;
+        const float delta = (keep ? r[t] : 0.f) + g * v_next - vt;
+        last = keep ? delta + c * last : 0.f;
         a[t] = last;
-        R[t] = (last + vt) * mt;
+        R[t] = keep ? last + vt : 0.f;
         v_next = vt;
       }
     }
   });
   return {adv, ret};
-}
-
-static void check_sample(const at::Tensor& logits, const at::Tensor& uniforms, double temperature, int64_t top_k,
-                         double top_p) {
-  TORCH_CHECK(logits.dim() == 2, "sample_tokens: logits: expected 2 dims [B, V], got ", logits.sizes());
-  TORCH_CHECK(logits.is_contiguous(), "sample_tokens: logits: expected a contiguous tensor");
-  TORCH_CHECK(logits.size(1) > 0, "sample_tokens: logits: expected V > 0, got ", logits.sizes());
-  TORCH_CHECK(temperature >= 0, "sample_tokens: temperature: expected >= 0, got ", temperature);
-  TORCH_CHECK(top_k >= 0, "sample_tokens: top_k: expected >= 0, got ", top_k);
-  TORCH_CHECK(top_p > 0 && top_p <= 1, "sample_tokens: top_p: expected a number in (0, 1], got ", top_p);
-  const bool greedy = temperature == 0 || top_k == 1;
-  if (!greedy) {
-    TORCH_CHECK(uniforms.scalar_type() == at::kDouble && uniforms.dim() == 1 &&
-                    uniforms.size(0) == logits.size(0) && uniforms.is_contiguous(),
-                "sample_tokens: uniforms: expected contiguous float64 [", logits.size(0), "], got ",
-                uniforms.scalar_type(), " ", uniforms.sizes());
-  }
 }
 
 // One row: z [V] (already tempered), e [V] = exp(z - max z); returns the kept threshold thr
@@ -115,24 +104,25 @@ static float keep_threshold(const std::vector<float>& z, const std::vector<float
 template <typename scalar_t>
 static void sample_rows(const scalar_t* logits, const double* uniforms, int64_t b0, int64_t b1, int64_t V,
                         double temperature, int64_t top_k, double top_p, int64_t* tokens, float* logprobs) {
-  const bool greedy = temperature == 0 || top_k == 1;
-  const float tau = static_cast<float>(temperature);
+  const bool greedy = sample_is_greedy(temperature, top_k);
+  const float tau = sample_tau(temperature);
   std::vector<float> z(V), e(V);
   std::vector<int64_t> idx;
   for (int64_t b = b0; b < b1; ++b) {
     const scalar_t* x = logits + b * V;
-    float zmax = -std::numeric_limits<float>::infinity();
+    float xmax = -std::numeric_limits<float>::infinity();  // NaN never wins: such rows get logprob NaN below
     int64_t arg = 0;
     for (int64_t i = 0; i < V; ++i) {
-      z[i] = greedy ? static_cast<float>(x[i]) : static_cast<float>(x[i]) / tau;
-      if (z[i] > zmax) zmax = z[i], arg = i;
+      const float xi = static_cast<float>(x[i]);
+      if (xi > xmax) xmax = xi, arg = i;
     }
     double sum = 0;
     for (int64_t i = 0; i < V; ++i) {
-      e[i] = std::exp(z[i] - zmax);
+      z[i] = (static_cast<float>(x[i]) - xmax) / tau;  // max z = 0 (NaN for a +inf or all -inf row)
+      e[i] = std::exp(z[i]);
       sum += e[i];
     }
-    const double lse = zmax + std::log(sum);
+    const double lse = std::log(sum);
     int64_t tok = arg;
     if (!greedy) {
       const float thr = keep_threshold(z, e, top_k, top_p, idx);
@@ -159,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, c
   const int64_t B = logits.size(0), V = logits.size(1);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
-  const bool greedy = temperature == 0 || top_k == 1;
+  const bool greedy = sample_is_greedy(temperature, top_k);
   const double* u = greedy ? nullptr : uniforms.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sample_tokens_cpu", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();

@@ -20,7 +20,7 @@ namespace fastrlhf {
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam) {
-  check_gae(rewards, values, mask);
+  check_gae(rewards, values, mask, gamma, lam);
   TORCH_CHECK(rewards.is_cuda(), "gae: expected CUDA rewards, values and mask, got ", rewards.device());
   const c10::cuda::CUDAGuard guard(rewards.device());
   auto adv = at::empty_like(rewards);
@@ -37,20 +37,10 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
 
 std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& uniforms,
                                                       double temperature, int64_t top_k, double top_p) {
-  TORCH_CHECK(logits.dim() == 2, "sample_tokens: logits: expected 2 dims [B, V], got ", logits.sizes());
-  TORCH_CHECK(logits.is_cuda() && logits.is_contiguous(), "sample_tokens: logits: expected a contiguous CUDA tensor");
-  TORCH_CHECK(logits.size(1) > 0, "sample_tokens: logits: expected V > 0, got ", logits.sizes());
-  TORCH_CHECK(temperature >= 0, "sample_tokens: temperature: expected >= 0, got ", temperature);
-  TORCH_CHECK(top_k >= 0, "sample_tokens: top_k: expected >= 0, got ", top_k);
-  TORCH_CHECK(top_p > 0 && top_p <= 1, "sample_tokens: top_p: expected a number in (0, 1], got ", top_p);
-  const bool greedy = temperature == 0 || top_k == 1;
+  check_sample(logits, uniforms, temperature, top_k, top_p);
+  TORCH_CHECK(logits.is_cuda(), "sample_tokens: logits: expected a CUDA tensor, got ", logits.device());
+  const bool greedy = sample_is_greedy(temperature, top_k);
   const int64_t B = logits.size(0), V = logits.size(1);
-  if (!greedy) {
-    TORCH_CHECK(uniforms.scalar_type() == at::kDouble && uniforms.dim() == 1 && uniforms.size(0) == B &&
-                    uniforms.is_contiguous() && uniforms.device() == logits.device(),
-                "sample_tokens: uniforms: expected contiguous float64 [", B, "] on ", logits.device(), ", got ",
-                uniforms.scalar_type(), " ", uniforms.sizes(), " on ", uniforms.device());
-  }
   const c10::cuda::CUDAGuard guard(logits.device());
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
@@ -58,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, 
   const double* u = greedy ? nullptr : uniforms.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sample_tokens_cuda", [&] {
     sample_tokens_kernel<scalar_t><<<static_cast<unsigned>(B), SAMPLE_BLOCK, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        logits.data_ptr<scalar_t>(), u, V, static_cast<float>(temperature), greedy, top_k, static_cast<float>(top_p),
+        logits.data_ptr<scalar_t>(), u, V, sample_tau(temperature), greedy, top_k, static_cast<float>(top_p),
         tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

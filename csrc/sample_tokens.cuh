@@ -2,7 +2,9 @@
 // BlockReduce and BlockScan (included by the .cu file; tests/emu/cuda_emu.h stands in for them when the
 // tests run this kernel on the CPU).
 //
-// One block per row, no host synchronization. Passes over the row: online max / sum-exp (and argmax);
+// One block per row, no host synchronization. z_i = (x_i - max x) / tau (ops.cpp: tau is 1 for the untempered
+// greedy draw, and greedy only picks the argmax; the shift keeps z <= 0, so nothing overflows at tiny tau).
+// Passes over the row: online max of x / sum of exp(z) (and argmax);
 // top-k: 4-pass radix select of the k-th largest z (8 bits per pass, counts); top-p: 4-pass radix select
 // on the probability mass (the smallest z whose strictly-larger mass is < top_p * kept mass); the kept
 // mass (only when something was cut); the inverse-CDF draw in index order with a block scan per tile of
@@ -23,16 +25,17 @@ __device__ __forceinline__ uint32_t float_key(float f) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-struct MaxSum {  // online softmax state, with the first index of the max
+struct MaxSum {  // online softmax state: m = max x, s = sum exp((x - m) / tau), i = first index of the max
   float m, s;
   int64_t i;
 };
 
 struct MaxSumOp {
+  float tau;
   __device__ __forceinline__ MaxSum operator()(const MaxSum& x, const MaxSum& y) const {
     const float m = fmaxf(x.m, y.m);
     if (m == -INFINITY) return {m, x.s + y.s, x.i < y.i ? x.i : y.i};  // s: 0, or NaN after a NaN logit
-    const float s = x.s * __expf(x.m - m) + y.s * __expf(y.m - m);
+    const float s = x.s * __expf((x.m - m) / tau) + y.s * __expf((y.m - m) / tau);
     int64_t i;
     if (x.m == y.m) i = x.i < y.i ? x.i : y.i;
     else i = x.m > y.m ? x.i : y.i;
@@ -44,10 +47,10 @@ struct MaxLL {  // (cub::Max is gone in CCCL 3)
   __device__ __forceinline__ long long operator()(long long a, long long b) const { return a > b ? a : b; }
 };
 
+// z_i = (x_i - max x) / tau, the same float32 operations as ops.cpp
 template <typename scalar_t>
-__device__ __forceinline__ float tempered(const scalar_t* x, int64_t i, bool greedy, float tau) {
-  const float xi = static_cast<float>(x[i]);
-  return greedy ? xi : xi / tau;
+__device__ __forceinline__ float tempered(const scalar_t* x, int64_t i, float xmax, float tau) {
+  return (static_cast<float>(x[i]) - xmax) / tau;
 }
 
 template <typename scalar_t>
@@ -76,23 +79,25 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
   const int tid = threadIdx.x;
   const scalar_t* x = logits + static_cast<int64_t>(blockIdx.x) * V;
 
-  // 1. max, sum exp(z - max), argmax. A NaN logit enters as {-inf, NaN}: it never wins the max, and the
-  //    NaN sum makes the row's log-probs NaN (ops.cpp: such rows still return an in-range token).
+  // 1. max x, sum exp(z), argmax. A NaN logit enters as {-inf, NaN}: it never wins the max, and the NaN
+  //    sum makes the row's log-probs NaN (ops.cpp: such rows still return an in-range token); so does
+  //    a +inf logit or an all -inf row, whose z are NaN.
+  const MaxSumOp combine{tau};
   MaxSum st{-INFINITY, 0.f, V};
   for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
-    const float z = tempered(x, i, greedy, tau);
-    st = MaxSumOp()(st, isnan(z) ? MaxSum{-INFINITY, NAN, V} : MaxSum{z, 1.f, i});
+    const float xi = static_cast<float>(x[i]);
+    st = combine(st, isnan(xi) ? MaxSum{-INFINITY, NAN, V} : MaxSum{xi, 1.f, i});
   }
-  st = ReduceMS(tmp.ms).Reduce(st, MaxSumOp());
+  st = ReduceMS(tmp.ms).Reduce(st, combine);
   if (tid == 0) s_ms = st;
   __syncthreads();
-  const float zmax = s_ms.m;
-  const float lse = zmax + logf(s_ms.s);
+  const float xmax = s_ms.m;
+  const float lse = logf(s_ms.s);  // of z, whose max is 0
   const int64_t argmax = s_ms.i < V ? s_ms.i : 0;  // V: every logit NaN
   if (greedy) {
     if (tid == 0) {
       tokens[blockIdx.x] = argmax;
-      logprobs[blockIdx.x] = tempered(x, argmax, true, tau) - lse;
+      logprobs[blockIdx.x] = tempered(x, argmax, xmax, tau) - lse;
     }
     return;
   }
@@ -106,7 +111,7 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
       for (int b = tid; b < 256; b += SAMPLE_BLOCK) counts[b] = 0;
       __syncthreads();
       for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
-        const uint32_t key = float_key(tempered(x, i, false, tau));
+        const uint32_t key = float_key(tempered(x, i, xmax, tau));
         if ((key & pmask) == prefix) atomicAdd(&counts[(key >> shift) & 255u], 1u);
       }
       __syncthreads();
@@ -131,8 +136,8 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
   if (top_p < 1.f) {
     float part = 0.f;
     for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
-      const float z = tempered(x, i, false, tau);
-      if (float_key(z) >= thr) part += __expf(z - zmax);
+      const float z = tempered(x, i, xmax, tau);
+      if (float_key(z) >= thr) part += __expf(z);
     }
     part = ReduceF(tmp.f).Sum(part);
     if (tid == 0) {
@@ -146,10 +151,10 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
       for (int b = tid; b < 256; b += SAMPLE_BLOCK) hist[b] = 0.f, counts[b] = 0;
       __syncthreads();
       for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
-        const float z = tempered(x, i, false, tau);
+        const float z = tempered(x, i, xmax, tau);
         const uint32_t key = float_key(z);
         if (key >= thr && (key & pmask) == prefix) {
-          atomicAdd(&hist[(key >> shift) & 255u], __expf(z - zmax));
+          atomicAdd(&hist[(key >> shift) & 255u], __expf(z));
           atomicAdd(&counts[(key >> shift) & 255u], 1u);
         }
       }
@@ -179,8 +184,8 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
   if (thr != 0u) {
     kept = 0.f;
     for (int64_t i = tid; i < V; i += SAMPLE_BLOCK) {
-      const float z = tempered(x, i, false, tau);
-      if (float_key(z) >= thr) kept += __expf(z - zmax);
+      const float z = tempered(x, i, xmax, tau);
+      if (float_key(z) >= thr) kept += __expf(z);
     }
     kept = ReduceF(tmp.f).Sum(kept);
   }
@@ -201,8 +206,8 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
     for (int j = 0; j < SAMPLE_ITEMS; ++j) {
       w[j] = 0.f;
       if (i0 + j < V) {
-        const float z = tempered(x, i0 + j, false, tau);
-        if (float_key(z) >= thr) w[j] = __expf(z - zmax);
+        const float z = tempered(x, i0 + j, xmax, tau);
+        if (float_key(z) >= thr) w[j] = __expf(z);
       }
       if (w[j] > 0.f) last_pos = i0 + j;
       local += w[j];
@@ -237,7 +242,7 @@ sample_tokens_kernel(const scalar_t* __restrict__ logits, const double* __restri
   if (tid == 0) {
     const int64_t tok = static_cast<int64_t>(s_tok);
     tokens[blockIdx.x] = tok;
-    logprobs[blockIdx.x] = tempered(x, tok, false, tau) - lse;
+    logprobs[blockIdx.x] = tempered(x, tok, xmax, tau) - lse;
   }
 }
 

@@ -135,17 +135,16 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
 
 
 def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """`fastrlhf.ops.sample_tokens` on the extension: one uniform per row is drawn with torch (from
-    `generator` when given, so results are reproducible) and the operator does the inverse-CDF draw."""
+    """`fastrlhf.ops.sample_tokens` on the extension (inputs already checked there; `generator` is on the
+    logits' device): one uniform per row is drawn with torch (from `generator` when given, so results
+    are reproducible) and the operator does the inverse-CDF draw."""
     if _use_reference(logits.device):
         return ref.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     B = logits.shape[0]
     if temperature == 0 or top_k == 1:
         uniforms = logits.new_empty(0, dtype=torch.float64)
     else:
-        gen_device = generator.device if generator is not None else logits.device
-        uniforms = torch.rand(B, dtype=torch.float64, device=gen_device, generator=generator)
-        uniforms = uniforms.to(logits.device, non_blocking=True)
+        uniforms = torch.rand(B, dtype=torch.float64, device=logits.device, generator=generator)
     return torch.ops.fastrlhf.sample_tokens(logits.contiguous(), uniforms, float(temperature), int(top_k),
                                             float(top_p))
 

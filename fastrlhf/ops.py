@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
+import numbers
 import os
 import warnings
 from typing import Callable, Optional
@@ -116,12 +118,36 @@ def impl(op: str, device: torch.device) -> Callable:
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# The smallest normal float32, 2^-126 ≈ 1.18e-38. The kernels divide by the temperature in float32, where
+# a smaller τ is subnormal (1e-45 is stored as 1.4e-45, anything under 7.1e-46 as 0) and 1/τ overflows
+# from 2^-128 down.
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+
+
+def _check_tensor(name, t):
+    """A tensor with data (not on the meta device, whose values cannot be read or computed)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise ValueError(f"{name}: expected a tensor with data, got a meta tensor of shape {tuple(t.shape)}")
+
 
 def _check_float(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name}: expected a floating dtype {_FLOATS}, got {t.dtype}")
+
+
+def _check_first(name, t):
+    """An op's first tensor argument: floating, with data; the others must be on its device."""
+    _check_tensor(name, t)
+    _check_float(name, t)
+
+
+def _capturing(t) -> bool:
+    """True while `t`'s CUDA stream is being captured into a graph: no host reads then."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _check_labels(name, labels, logits_shape, ignore_index=None, mask=None):
@@ -156,9 +182,72 @@ def _check_same(name, t, shape, device):
         raise ValueError(f"{name}: expected a tensor on {device} (like the first argument), got {t.device}")
 
 
-def _check_temperature(temperature):
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+def _check_mask(name, mask, shape, device):
+    """A 0/1 mask of `shape` on `device` (the first argument's): bool, or an integer or float tensor
+    holding only 0s and 1s. Type, shape and device are checked before any value is read, and the values
+    are not read while a CUDA graph is being captured."""
+    _check_same(name, mask, shape, device)
+    _check_tensor(name, mask)
+    if mask.is_complex():
+        raise TypeError(f"{name}: expected a bool, integer or float tensor of 0s and 1s, got {mask.dtype}")
+    if mask.dtype == torch.bool or mask.numel() == 0 or _capturing(mask):
+        return
+    bad = (mask != 0) & (mask != 1)              # NaN is != both
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected only 0s and 1s (a bool, integer or float tensor), "
+                         f"got {mask[bad][0].item()!r}")
+
+
+def _number(name, value, expected, ok, *, none_ok=False):
+    """`value` as a float: a real number (not a bool or a string), finite, with ok(value); None passes
+    when none_ok. Else ValueError naming the knob, what was expected and the actual value."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected {'None or ' if none_ok else ''}a finite number, got {value!r}")
+    if not ok(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+def _check_temperature(temperature, *, greedy_ok=False):
+    """τ of softmax(x/τ): a finite number >= MIN_TEMPERATURE; where greedy_ok (sampling), 0 too (the
+    untempered greedy draw). Returns it as a float."""
+    t = _number("temperature", temperature, "a number >= 0" if greedy_ok else "a finite number > 0",
+                (lambda v: v >= 0) if greedy_ok else (lambda v: v > 0))
+    if 0 < t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature: expected {'0 or ' if greedy_ok else ''}a number >= {MIN_TEMPERATURE} "
+                         f"(the smallest normal float32: the kernels divide by τ in float32, where a smaller "
+                         f"τ is rounded or 0 and 1/τ overflows), got {temperature!r}")
+    return t
+
+
+def _check_unit_interval(name, value):
+    """gamma, lam of GAE: a finite number in [0, 1]."""
+    return _number(name, value, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def _check_choice(name, value, choices):
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def _check_top_k(top_k):
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
+    return int(top_k)
+
+
+def _check_generator(generator, device):
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected None or a torch.Generator on {device} (the logits' device), "
+                        f"got {type(generator).__name__}")
+    if generator.device != device:
+        raise ValueError(f"generator: expected None or a torch.Generator on {device} (the logits' device), "
+                         f"got one on {generator.device}")
 
 
 # ----------------------------------------------------------------------------
@@ -191,11 +280,10 @@ def token_entropy(logits, *, temperature=1.0):
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     """Per-token KL estimate (k1 | k2 | k3) of π against π_ref from the sampled token's log-probs."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
-    _check_float("logprobs", logprobs)
-    _check_float("ref_logprobs", ref_logprobs)
+    _check_choice("estimator", estimator, KL_ESTIMATORS)
+    _check_first("logprobs", logprobs)
     _check_same("ref_logprobs", ref_logprobs, logprobs.shape, logprobs.device)
+    _check_float("ref_logprobs", ref_logprobs)
     return ref.kl_penalty(logprobs, ref_logprobs, estimator)
 
 
@@ -221,8 +309,16 @@ def apa_policy_loss(logprobs, ref_logprobs, advantages, mask, *, adv_coeff=10.0)
 
 
 def value_loss(values, old_values, returns, mask, *, clip=0.2):
-    """Clipped value loss ½·max((V−R)², (V_clip−R)²), masked mean -> (loss, stats)."""
-    _check_token_tensors("values", values, old_values=old_values, returns=returns, mask=mask)
+    """Clipped value loss ½·max((V−R)², (V_clip−R)²), masked mean -> (loss, stats).
+
+    clip: None (½(V−R)², old_values unused) or ε_v > 0. Masked positions may hold anything (NaN too):
+    they reach neither the loss nor the gradient."""
+    _check_first("values", values)
+    for name, t in (("old_values", old_values), ("returns", returns)):
+        _check_same(name, t, values.shape, values.device)
+        _check_float(name, t)
+    _check_mask("mask", mask, values.shape, values.device)
+    clip = _number("clip", clip, "None or a number > 0", lambda v: v > 0, none_ok=True)
     return ref.value_loss(values, old_values, returns, mask, clip=clip)
 
 
@@ -295,35 +391,77 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
-    """rewards, values, mask [B, T] (right-padded: mask is a prefix of ones per row) ->
-    (advantages, returns) [B, T] float32; values past the last valid token count as 0."""
-    _check_token_tensors("rewards", rewards, values=values, mask=mask)
+    """rewards, values, mask [B, T] (right-padded: mask is a 0/1 prefix of ones per row) ->
+    (advantages, returns) [B, T] float32; values past the last valid token count as 0. gamma, lam in
+    [0, 1]. Masked positions may hold anything (NaN too) and come out 0 (README, "Advantages and rewards")."""
+    _check_first("rewards", rewards)
     if rewards.dim() != 2:
         raise ValueError(f"rewards: expected 2 dims [B, T], got shape {tuple(rewards.shape)}")
+    _check_same("values", values, rewards.shape, rewards.device)
+    _check_float("values", values)
+    _check_mask("mask", mask, rewards.shape, rewards.device)
+    gamma, lam = _check_unit_interval("gamma", gamma), _check_unit_interval("lam", lam)
     m = mask.bool()
-    if m.shape[1] > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
+    if m.shape[1] > 1 and not _capturing(m) and bool((m[:, 1:] & ~m[:, :-1]).any()):
         raise ValueError("mask: expected a prefix of ones per row (right padding), got a 0 followed by a 1")
-    return impl("gae", rewards.device)(rewards, values, mask, gamma=float(gamma), lam=float(lam))
+    return impl("gae", rewards.device)(rewards, values, mask, gamma=gamma, lam=lam)
 
 
 def whiten(x, mask, *, shift_mean=True):
-    """Masked whitening over valid tokens; safe with 0 or 1 valid token."""
-    _check_token_tensors("x", x, mask=mask)
+    """Masked whitening over valid tokens; safe with 0 or 1 valid token. Masked positions may hold
+    anything (NaN too): they reach neither the statistics nor the gradient, and come out 0."""
+    _check_first("x", x)
+    _check_mask("mask", mask, x.shape, x.device)
     return ref.whiten(x, mask, shift_mean=shift_mean)
 
 
 def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """logits [B, V] -> (tokens [B] int64, log-prob of each token under the tempered full softmax).
 
-    temperature, then top-k, then top-p, then the draw; temperature == 0 or top_k == 1 is greedy."""
-    _check_float("logits", logits)
+    temperature, then top-k, then top-p, then the draw. temperature == 0 is the untempered greedy draw;
+    top_k == 1 is greedy too, its log-prob still under the tempered softmax. temperature: 0 or a number
+    >= MIN_TEMPERATURE; generator: None or a torch.Generator on the logits' device. No host reads (the
+    checks look at Python values, shapes and devices only)."""
+    _check_first("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits: expected 2 dims [B, V], got shape {tuple(logits.shape)}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits: expected a vocabulary of V >= 1 tokens [B, V], got shape {tuple(logits.shape)}")
+    temperature = _check_temperature(temperature, greedy_ok=True)
+    top_k = _check_top_k(top_k)
+    top_p = _number("top_p", top_p, "a number in (0, 1]", lambda v: 0 < v <= 1)
+    _check_generator(generator, logits.device)
     return impl("sample_tokens", logits.device)(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                                 generator=generator)
+
+
+def _vocab_size(model) -> int:
+    """Rows of the model's input embedding (resized embeddings included), else config.vocab_size."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise ValueError(f"model: expected a model with get_input_embeddings() (num_embeddings) or "
+                         f"config.vocab_size, got {type(model).__name__}")
+    return rows
+
+
+def check_generate_inputs(model, input_ids, attention_mask):
+    """The prompt tensors of `fastrlhf.generate`: input_ids [B, P] integer token ids, B >= 1 and P >= 1,
+    every id (padding included: the embedding reads every position) in [0, vocab) of `model`;
+    attention_mask None or a 0/1 mask [B, P] on input_ids' device. Reads input_ids on the host."""
+    _check_tensor("input_ids", input_ids)
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+        raise TypeError(f"input_ids: expected an integer dtype (token ids), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected 2 dims [B, P], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids: expected B >= 1 prompts of P >= 1 tokens, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        _check_mask("attention_mask", attention_mask, input_ids.shape, input_ids.device)
+    vocab = _vocab_size(model)
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the model's vocabulary), "
+                         f"got {input_ids[bad][0].item()}")

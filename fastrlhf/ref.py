@@ -128,9 +128,10 @@ ALGOS = ("ppo", "apa")
 
 
 def masked_mean(x, mask):
-    """Σ m·x / max(Σ m, 1): an all-zero mask gives 0, never NaN."""
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    """Σ_{m=1} x / max(Σ m, 1) over a 0/1 mask: an all-zero mask gives 0, never NaN. Masked values are
+    selected out, never multiplied by 0, so a NaN or inf there reaches neither the mean nor its gradient."""
+    keep = mask.bool()
+    return torch.where(keep, x, 0.0).sum() / keep.sum().clamp_min(1).to(x.dtype)
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
@@ -187,13 +188,18 @@ def _apa_terms(lp, ref, adv, adv_coeff):
 
 
 def value_loss(values, old_values, returns, mask, *, clip=0.2):
-    """½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²), masked mean; clip=None: ½(V − R)²."""
-    v, r = values.float(), returns.float()
+    """½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²), masked mean; clip=None: ½(V − R)².
+
+    The inputs are read only where the mask is 1 (0 is selected elsewhere): padding holding NaN gives
+    the clean loss and a zero gradient there (a product with 0 would give NaN)."""
+    keep = mask.bool()
+    v, r = torch.where(keep, values.float(), 0.0), torch.where(keep, returns.float(), 0.0)
     err = (v - r) ** 2
     if clip is None:
         loss, frac = err, torch.zeros((), device=v.device)
     else:
-        v_clip = old_values.float() + (v - old_values.float()).clamp(-clip, clip)
+        old = torch.where(keep, old_values.float(), 0.0)
+        v_clip = old + (v - old).clamp(-clip, clip)
         err_clip = (v_clip - r) ** 2
         loss = torch.maximum(err, err_clip)
         frac = masked_mean((err_clip > err).float(), mask)
@@ -404,32 +410,36 @@ def _loss_outputs(lp, ent, kl, mask, old_logprobs, ref_logprobs, advantages, cfg
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     """δ_t = r_t + γ V_{t+1} − V_t (V past the last valid token is 0), A_t = δ_t + γλ A_{t+1},
-    R = A + V. rewards, values, mask [B, T] with right padding; padded positions come out 0."""
-    m = mask.float()
-    r, v = rewards.float() * m, values.float() * m
+    R = A + V. rewards, values, mask [B, T] with right padding; padded positions come out 0.
+    Rewards and values are read only where the mask is 1 (0 is selected elsewhere, never multiplied
+    in): padding may hold NaN or inf."""
+    keep = mask.bool()
+    r, v = torch.where(keep, rewards.float(), 0.0), torch.where(keep, values.float(), 0.0)
     B, T = r.shape
     adv = torch.zeros_like(r)
     last = torch.zeros(B, dtype=r.dtype, device=r.device)
     for t in range(T - 1, -1, -1):
         v_next = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)
         delta = r[:, t] + gamma * v_next - v[:, t]
-        last = (delta + gamma * lam * last) * m[:, t]
+        last = torch.where(keep[:, t], delta + gamma * lam * last, 0.0)
         adv[:, t] = last
-    return adv, (adv + v) * m
+    return adv, torch.where(keep, adv + v, 0.0)
 
 
 def whiten(x, mask, *, shift_mean=True, eps=1e-8):
-    """(x − mean)/std over valid tokens only; 0 valid tokens: returns x·0; 1 valid token: centred
-    (variance taken as 1). Masked positions come out 0."""
-    m = mask.float()
-    n = m.sum()
-    mean = (x.float() * m).sum() / n.clamp_min(1.0)
-    var = (((x.float() - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
+    """(x − mean)/std over valid tokens only; 0 valid tokens: zeros; 1 valid token: centred
+    (variance taken as 1). x is read only where the mask is 1 (padding may hold NaN or inf: it
+    reaches neither the statistics nor the gradient); masked positions come out 0."""
+    keep = mask.bool()
+    xf = torch.where(keep, x.float(), 0.0)
+    n = keep.sum()
+    mean = xf.sum() / n.clamp_min(1)
+    var = torch.where(keep, xf - mean, 0.0).pow(2).sum() / (n - 1).clamp_min(1)
     var = torch.where(n > 1, var, torch.ones_like(var))
-    out = (x.float() - mean) * torch.rsqrt(var + eps)
+    out = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return (out * m).to(x.dtype)
+    return torch.where(keep, out, 0.0).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -442,14 +452,18 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
     Temperature, then top-k, then top-p (keep the smallest set of highest-probability tokens whose
     mass reaches p, computed on the top-k-renormalized distribution), then a draw. The returned
     log-prob is that of the drawn token under the tempered *full* softmax. temperature == 0 or
-    top_k == 1 is greedy.
+    top_k == 1 is greedy (the first index of the max logit); only temperature == 0 leaves the
+    log-prob untempered (τ = 1).
+
+    z = (x − max x)/τ: the softmax of x/τ, shifted so that z <= 0 and no finite logit overflows at any
+    τ >= 2^-126 (x/τ itself would reach inf from |x| > 3.4e38·τ).
     """
     x = logits.float()
     greedy = temperature == 0 or top_k == 1
-    z = x if greedy else x / temperature
+    z = (x - x.amax(-1, keepdim=True)) / (temperature if temperature > 0 else 1.0)
     full_logp = torch.log_softmax(z, dim=-1)
     if greedy:
-        tokens = z.argmax(-1)
+        tokens = x.argmax(-1)
     else:
         masked = z
         if top_k and top_k < z.shape[-1]:

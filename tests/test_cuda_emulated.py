@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrlhf import ref
-from test_gae import PARAMS, gae64
+from fastrlhf import ops, ref
+from test_gae import PARAMS, gae64, with_garbage
 from test_sample_tokens import expected_probs
 
 EMU = Path(__file__).resolve().parent / "emu"
@@ -55,13 +55,15 @@ def emu_gae(lib, rewards, values, mask, gamma, lam):
 
 
 def emu_sample(lib, logits, uniforms, temperature=1.0, top_k=0, top_p=1.0):
-    """The launcher's arguments as ops_cuda.cu passes them (greedy when temperature == 0 or top_k == 1)."""
+    """The launcher's arguments as ops_cuda.cu passes them (ops.h: greedy when temperature == 0 or
+    top_k == 1; tau = temperature, 1 when it is 0)."""
     x = logits.float().contiguous()
     B, V = x.shape
     u = uniforms.double().contiguous()
     tokens, logprobs = torch.empty(B, dtype=torch.long), torch.empty(B)
     greedy = temperature == 0 or top_k == 1
-    lib.emu_sample_tokens(x.data_ptr(), u.data_ptr(), B, V, temperature, int(greedy), top_k, top_p,
+    tau = temperature if temperature > 0 else 1.0
+    lib.emu_sample_tokens(x.data_ptr(), u.data_ptr(), B, V, tau, int(greedy), top_k, top_p,
                           tokens.data_ptr(), logprobs.data_ptr())
     return tokens, logprobs
 
@@ -83,6 +85,19 @@ def test_gae_kernel_matches_float64_loop(lib, gamma, lam):
         err, err_ref = _err(got, want), _err(ref.gae(r, v, m, gamma=gamma, lam=lam), want)
         assert err <= 2 * err_ref + 1e-5, (T, err, err_ref)
         assert all((out[m == 0] == 0).all() for out in got), T
+
+
+def test_gae_kernel_garbage_at_masked_positions_gives_exactly_the_clean_result(lib):
+    # lengths ending inside a thread's chunk, at a chunk edge and inside the second tile; padding NaN / ±inf
+    T = GAE_TILE + 37
+    lengths = [T, GAE_TILE + 1, GAE_TILE, 4 * 3 + 1, 4, 1, 0]
+    g = torch.Generator().manual_seed(7)
+    r, v = torch.randn(len(lengths), T, generator=g), torch.randn(len(lengths), T, generator=g)
+    m = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
+    want = emu_gae(lib, r, v, m, 0.99, 0.95)
+    got = emu_gae(lib, with_garbage(r, m, 1), with_garbage(v, m, 2), m, 0.99, 0.95)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(torch.isfinite(out).all() for out in got)
 
 
 def _inverse_cdf(probs, u):
@@ -133,6 +148,31 @@ def test_sample_kernel_at_a_large_vocab_matches_the_cpu_operator(lib):
         want = torch.ops.fastrlhf.sample_tokens(logits, u, temperature, top_k, top_p)
         assert torch.equal(got[0], want[0]), (temperature, top_k, top_p)
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_sample_kernel_top_k_1_is_greedy_under_the_tempered_softmax(lib):
+    import fastrlhf.extension  # noqa: F401
+    V = DRAW_TILE + 901
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(3)) * 3
+    u = torch.full((5,), 0.5, dtype=torch.float64)
+    for tau in (0.5, 1.0, 2.0):
+        tokens, lp = emu_sample(lib, logits, u, temperature=tau, top_k=1)
+        assert torch.equal(tokens, logits.argmax(-1))
+        want = torch.log_softmax(logits.double() / tau, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp.double(), want, atol=1e-5, rtol=1e-5)
+        cpu = torch.ops.fastrlhf.sample_tokens(logits, u, tau, 1, 1.0)
+        assert torch.equal(cpu[0], tokens)
+        torch.testing.assert_close(cpu[1], lp, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_kernel_tiny_temperature_does_not_overflow(lib):
+    # z = (x − max x)/τ <= 0: x/τ would be inf here (3e9 / 1e-30), making the row NaN
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(4)) * 3
+    u = torch.tensor([0.0, 0.3, 0.7, 1 - 2.0 ** -53], dtype=torch.float64)
+    for tau, scale in ((ops.MIN_TEMPERATURE, 1.0), (1e-30, 1e9)):
+        for top_k, top_p in ((0, 1.0), (50, 1.0), (0, 0.5), (1, 1.0)):
+            tokens, lp = emu_sample(lib, logits * scale, u, tau, top_k, top_p)
+            assert torch.equal(tokens, logits.argmax(-1)) and (lp == 0).all(), (tau, top_k, top_p, lp)
 
 
 def test_sample_kernel_ties_greedy_and_masked_tokens(lib):

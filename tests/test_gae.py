@@ -86,6 +86,103 @@ def test_bad_inputs():
         fastrlhf.gae(r[0], v[0], m[0])
     with pytest.raises(RuntimeError, match="gae: values: expected shape"):  # the operator checks too
         torch.ops.fastrlhf.gae(r, v[:, :-1].contiguous(), m, 1.0, 0.95)
+    with pytest.raises(RuntimeError, match=r"gae: gamma: expected a number in \[0, 1\], got nan"):
+        torch.ops.fastrlhf.gae(r, v, m, float("nan"), 0.95)
+    with pytest.raises(RuntimeError, match=r"gae: lam: expected a number in \[0, 1\], got 2"):
+        torch.ops.fastrlhf.gae(r, v, m, 1.0, 2.0)
+
+
+GARBAGE = (float("nan"), float("inf"), float("-inf"), 3e38)
+
+
+def with_garbage(t, mask, seed=0):
+    """t with NaN / ±inf / 3e38 written at every masked position (padding may hold anything)."""
+    fill = torch.tensor(GARBAGE)[torch.randint(len(GARBAGE), t.shape, generator=torch.Generator().manual_seed(seed))]
+    return torch.where(mask.bool(), t, fill.to(t.dtype))
+
+
+IMPLS = {"ref": ref.gae, "ext": ext.gae, "public": fastrlhf.gae}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_garbage_at_masked_positions_gives_exactly_the_clean_result(impl):
+    """0·NaN = NaN: a product with the mask at padded positions would spread NaN to every valid token
+    of the row through the reverse scan; a select keeps the clean values bit for bit."""
+    r, v, m = _batch(40, [40, 17, 1, 0, 39])
+    want = IMPLS[impl](r, v, m, gamma=0.99, lam=0.9)
+    for mask in (m, m.bool()):
+        got = IMPLS[impl](with_garbage(r, m, 1), with_garbage(v, m, 2), mask, gamma=0.99, lam=0.9)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert all(torch.isfinite(out).all() for out in got)
+
+
+def test_reference_gradient_is_zero_at_masked_positions():
+    r, v, m = _batch(12, [12, 5, 0])
+    r, v = with_garbage(r, m, 3).requires_grad_(), with_garbage(v, m, 4).requires_grad_()
+    adv, ret = ref.gae(r, v, m, gamma=0.9, lam=0.8)
+    (adv.sum() + ret.sum()).backward()
+    for g in (r.grad, v.grad):
+        assert torch.isfinite(g).all() and (g[m == 0] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, 2.0, 0.5, float("nan")])
+def test_mask_values_other_than_0_and_1_are_refused(bad):
+    r, v, m = _batch(6, [6, 3])
+    m[0, 2] = bad
+    with pytest.raises(ValueError, match=r"mask: expected only 0s and 1s .*got "):
+        fastrlhf.gae(r, v, m)
+    with pytest.raises(ValueError, match=r"mask: expected only 0s and 1s .*got 2$"):
+        fastrlhf.gae(r, v, m.long().clamp(0, 1) * 2)
+
+
+@pytest.mark.parametrize("knob,value,match", [
+    ("gamma", 1.5, "gamma: expected a number in \\[0, 1\\], got 1.5"),
+    ("gamma", -0.1, "gamma: expected a number in \\[0, 1\\], got -0.1"),
+    ("gamma", float("nan"), "gamma: expected a finite number, got nan"),
+    ("gamma", "0.9", "gamma: expected a finite number, got '0.9'"),
+    ("gamma", True, "gamma: expected a finite number, got True"),
+    ("lam", 2, "lam: expected a number in \\[0, 1\\], got 2"),
+    ("lam", float("inf"), "lam: expected a finite number, got inf"),
+    ("lam", None, "lam: expected a finite number, got None"),
+])
+def test_bad_gamma_and_lam_are_refused(knob, value, match):
+    r, v, m = _batch(6, [6, 3])
+    with pytest.raises(ValueError, match=match):
+        fastrlhf.gae(r, v, m, **{knob: value})
+
+
+def test_knobs_as_numpy_scalars_are_numbers():
+    np = pytest.importorskip("numpy")
+    r, v, m = _batch(6, [6, 3])
+    torch.testing.assert_close(fastrlhf.gae(r, v, m, gamma=np.float32(0.5), lam=np.float64(0.25)),
+                               fastrlhf.gae(r, v, m, gamma=0.5, lam=0.25), rtol=0, atol=0)
+
+
+def test_tensors_on_another_device_are_named_before_any_host_read():
+    r, v, m = _batch(6, [6, 3])
+    with pytest.raises(ValueError, match="mask: expected a tensor on cpu .*got meta"):
+        fastrlhf.gae(r, v, m.to("meta"))
+    with pytest.raises(ValueError, match="values: expected a tensor on cpu .*got meta"):
+        fastrlhf.gae(r, v.to("meta"), m)
+    with pytest.raises(ValueError, match="rewards: expected a tensor with data, got a meta tensor"):
+        fastrlhf.gae(r.to("meta"), v.to("meta"), m.to("meta"))
+    with pytest.raises(TypeError, match="values: expected a floating dtype"):
+        fastrlhf.gae(r, v.long(), m)
+
+
+@pytest.mark.cuda
+def test_cuda_garbage_at_masked_positions_and_graph_capture():
+    r, v, m = (t.cuda() for t in _batch(3001, [3001, 1000, 1, 0]))
+    want = ext.gae(r, v, m, gamma=0.99, lam=0.95)
+    got = ext.gae(with_garbage(r, m, 1), with_garbage(v, m, 2), m, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the public op's checks read no value while a CUDA graph is being captured
+    fastrlhf.gae(r, v, m)                                      # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        adv, _ = fastrlhf.gae(r, v, m, gamma=0.99, lam=0.95)
+    graph.replay()
+    torch.testing.assert_close(adv, want[0], rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -92,6 +92,66 @@ def test_value_loss(clip):
     torch.testing.assert_close(gr.double(), g64, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("clip", [None, 0.2])
+@pytest.mark.parametrize("where", ["values", "old_values", "returns"])
+def test_value_loss_ignores_garbage_at_masked_positions(clip, where):
+    """NaN / inf padding: the loss, its stats and the gradient equal the clean ones, the masked rows'
+    gradient is exactly 0 (not 0·NaN = NaN)."""
+    g = torch.Generator().manual_seed(4)
+    v, old, ret = (torch.randn(3, 6, generator=g) for _ in range(3))
+    mask = (torch.rand(3, 6, generator=g) > 0.4).float()
+    mask[2] = 0  # an all-masked row
+    clean = {"values": v, "old_values": old, "returns": ret}
+    dirty = dict(clean)
+    fill = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(6)[:18].view(3, 6)
+    dirty[where] = torch.where(mask.bool(), clean[where], fill)
+    results = []
+    for inputs in (clean, dirty):
+        x = inputs["values"].clone().requires_grad_()
+        loss, stats = F.value_loss(x, inputs["old_values"], inputs["returns"], mask, clip=clip)
+        loss.backward()
+        results.append((loss, stats, x.grad))
+    (loss0, stats0, grad0), (loss1, stats1, grad1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    torch.testing.assert_close(stats1, stats0, rtol=0, atol=0)
+    torch.testing.assert_close(grad1, grad0, rtol=0, atol=0)
+    assert torch.isfinite(grad1).all() and (grad1[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("clip,match", [
+    (-0.2, "clip: expected None or a number > 0, got -0.2"), (0, "clip: expected None or a number > 0, got 0"),
+    (float("nan"), "clip: expected None or a finite number, got nan"),
+    (float("inf"), "clip: expected None or a finite number, got inf"),
+    ("0.2", "clip: expected None or a finite number, got '0.2'"), (True, "clip: expected None or a finite number"),
+])
+def test_value_loss_bad_clip_is_refused(clip, match):
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=match):
+        F.value_loss(x, x, x, torch.ones(2, 3), clip=clip)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 2.0, 0.5, float("nan")])
+def test_value_loss_mask_values_other_than_0_and_1_are_refused(bad):
+    x = torch.randn(2, 3)
+    mask = torch.ones(2, 3)
+    mask[1, 1] = bad
+    with pytest.raises(ValueError, match="mask: expected only 0s and 1s"):
+        F.value_loss(x, x, x, mask)
+
+
+def test_value_loss_tensors_are_named():
+    x = torch.randn(2, 3)
+    m = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="returns: expected a tensor on cpu .*got meta"):
+        F.value_loss(x, x, x.to("meta"), m)
+    with pytest.raises(ValueError, match="mask: expected a tensor on cpu .*got meta"):
+        F.value_loss(x, x, x, m.to("meta"))
+    with pytest.raises(TypeError, match="old_values: expected a floating dtype"):
+        F.value_loss(x, x.long(), x, m)
+    with pytest.raises(ValueError, match=r"old_values: expected shape \(2, 3\), got \(3, 2\)"):
+        F.value_loss(x, x.T, x, m)
+
+
 @pytest.mark.parametrize("fn", ["ppo", "apa", "value"])
 def test_all_zero_mask_gives_zero_loss_not_nan(fn):
     lp, old, ref, adv, _ = _inputs()

@@ -13,11 +13,11 @@ void emu_gae(const float* rewards, const float* values, const float* mask, float
               [&] { fastrlhf::gae_kernel(rewards, values, mask, adv, ret, T, gamma, gamma_lam); });
 }
 
-void emu_sample_tokens(const float* logits, const double* uniforms, int64_t B, int64_t V, float temperature,
-                       int greedy, int64_t top_k, float top_p, int64_t* tokens, float* logprobs) {
+// tau and greedy as ops_cuda.cu derives them from the temperature (sample_tau, sample_is_greedy in ops.h)
+void emu_sample_tokens(const float* logits, const double* uniforms, int64_t B, int64_t V, float tau, int greedy,
+                       int64_t top_k, float top_p, int64_t* tokens, float* logprobs) {
   emu::launch(static_cast<unsigned>(B), fastrlhf::SAMPLE_BLOCK, [&] {
-    fastrlhf::sample_tokens_kernel<float>(logits, uniforms, V, temperature, greedy != 0, top_k, top_p, tokens,
-                                          logprobs);
+    fastrlhf::sample_tokens_kernel<float>(logits, uniforms, V, tau, greedy != 0, top_k, top_p, tokens, logprobs);
   });
 }
 

@@ -27,13 +27,13 @@ int main() {
   std::vector<int64_t> tokens(rows);
   std::vector<float> logprobs(rows);
   struct Case {
-    float temperature;
+    float tau;  // as the launcher passes it: 1 for temperature 0
     int greedy;
     int64_t top_k;
     float top_p;
   };
-  for (const Case c : {Case{0.8f, 0, 40, 0.7f}, Case{1.f, 0, 0, 0.9f}, Case{1.f, 0, 0, 1.f}, Case{0.f, 1, 0, 1.f}}) {
-    emu_sample_tokens(logits.data(), u.data(), rows, V, c.temperature, c.greedy, c.top_k, c.top_p, tokens.data(),
+  for (const Case c : {Case{0.8f, 0, 40, 0.7f}, Case{1.f, 0, 0, 0.9f}, Case{1.f, 0, 0, 1.f}, Case{1.f, 1, 0, 1.f}}) {
+    emu_sample_tokens(logits.data(), u.data(), rows, V, c.tau, c.greedy, c.top_k, c.top_p, tokens.data(),
                       logprobs.data());
     for (int64_t b = 0; b < rows; ++b) {
       if (tokens[b] < 0 || tokens[b] >= V) {
