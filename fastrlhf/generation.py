@@ -158,26 +158,47 @@ def _eos_tensor(eos_token_id, device) -> Optional[torch.Tensor]:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def check_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
+def _vocab_size(model) -> int:
+    """Rows of the model's input embedding (resized embeddings included), else config.vocab_size."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise ValueError(f"model: expected a model with get_input_embeddings() (num_embeddings) or "
+                         f"config.vocab_size, got {type(model).__name__}")
+    return rows
+
+
+def check_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
                  eos_token_id: Union[int, Sequence[int], None], pad_token_id: Optional[int]
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
-    """Validate `generate`'s arguments -> (mask [B, P] int64 on input_ids' device, 1 = no padding when
-    `attention_mask` is None; eos ids [E] int64 or None; pad_token_id, default the first EOS id, else 0)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected a 2-dim tensor [B, P], got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+    """Validate `generate`'s arguments -> (mask [B, P] int64, 1 = no padding when `attention_mask` is None;
+    eos ids [E] int64 or None; pad_token_id, default the first EOS id, else 0).
+
+    input_ids [B, P]: integer token ids, B >= 1 and P >= 1, every id (padding included: the embedding
+    reads every position) in [0, vocab) of `model`; attention_mask None or a 0/1 left-padding mask [B, P]
+    on input_ids' device. Reads input_ids on the host."""
+    ops._check_tensor("input_ids", input_ids)
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+        raise TypeError(f"input_ids: expected an integer dtype (token ids), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected 2 dims [B, P], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids: expected B >= 1 prompts of P >= 1 tokens, got shape {tuple(input_ids.shape)}")
+    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-    device = input_ids.device
-    B, P = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if tuple(attention_mask.shape) != (B, P):
-        raise ValueError(f"attention_mask: expected shape {(B, P)}, got {tuple(attention_mask.shape)}")
-    mask = attention_mask.to(device=device, dtype=torch.long)
-    if P > 1 and bool((mask[:, :-1] > mask[:, 1:]).any()):
+    if attention_mask is not None:
+        ops._check_mask("attention_mask", attention_mask, input_ids.shape, input_ids.device)
+    vocab = _vocab_size(model)
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the model's vocabulary), "
+                         f"got {input_ids[bad][0].item()}")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    if input_ids.shape[1] > 1 and bool((mask[:, :-1] > mask[:, 1:]).any()):
         raise ValueError("attention_mask: expected left padding (zeros then ones per row), got a 1 before a 0")
-    eos = _eos_tensor(eos_token_id, device)
+    eos = _eos_tensor(eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
     return mask, eos, pad_token_id
@@ -275,7 +296,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     a row stops after it draws a token in `eos_token_id`; `pad_token_id` (default: the first EOS id,
     else 0) fills the positions after. Returns a `Generation`.
     """
-    mask, eos, pad_token_id = check_inputs(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    mask, eos, pad_token_id = check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     logits, decoder = prefill(model, input_ids, mask, max_new_tokens)
     tokens, logprobs, live = decode_n_tokens(decoder, logits, max_new_tokens, eos=eos, pad_token_id=pad_token_id,
                                              temperature=temperature, top_k=top_k, top_p=top_p,

@@ -434,34 +434,3 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
     return impl("sample_tokens", logits.device)(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                                 generator=generator)
 
-
-def _vocab_size(model) -> int:
-    """Rows of the model's input embedding (resized embeddings included), else config.vocab_size."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(emb, "num_embeddings", None)
-    if rows is None:
-        rows = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(rows, bool) or not isinstance(rows, int):
-        raise ValueError(f"model: expected a model with get_input_embeddings() (num_embeddings) or "
-                         f"config.vocab_size, got {type(model).__name__}")
-    return rows
-
-
-def check_generate_inputs(model, input_ids, attention_mask):
-    """The prompt tensors of `fastrlhf.generate`: input_ids [B, P] integer token ids, B >= 1 and P >= 1,
-    every id (padding included: the embedding reads every position) in [0, vocab) of `model`;
-    attention_mask None or a 0/1 mask [B, P] on input_ids' device. Reads input_ids on the host."""
-    _check_tensor("input_ids", input_ids)
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-        raise TypeError(f"input_ids: expected an integer dtype (token ids), got {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected 2 dims [B, P], got shape {tuple(input_ids.shape)}")
-    if input_ids.numel() == 0:
-        raise ValueError(f"input_ids: expected B >= 1 prompts of P >= 1 tokens, got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None:
-        _check_mask("attention_mask", attention_mask, input_ids.shape, input_ids.device)
-    vocab = _vocab_size(model)
-    bad = (input_ids < 0) | (input_ids >= vocab)
-    if bool(bad.any()):
-        raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the model's vocabulary), "
-                         f"got {input_ids[bad][0].item()}")

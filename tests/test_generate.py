@@ -164,18 +164,19 @@ def test_bad_inputs():
 
 
 def test_check_inputs_defaults_and_eos_ids():
+    model = _model("llama")
     ids, mask = _prompts()
-    got, eos, pad = check_inputs(ids, mask.bool(), 4, [7, 9], None)
+    got, eos, pad = check_inputs(model, ids, mask.bool(), 4, [7, 9], None)
     assert got.dtype == torch.long and torch.equal(got, mask)
     assert eos.tolist() == [7, 9] and pad == 7                        # pad defaults to the first EOS id
-    got, eos, pad = check_inputs(ids, None, 4, None, None)
+    got, eos, pad = check_inputs(model, ids, None, 4, None, None)
     assert torch.equal(got, torch.ones_like(ids)) and eos is None and pad == 0
-    assert check_inputs(ids, mask, 4, 7, 3)[2] == 3                  # an explicit pad_token_id wins
+    assert check_inputs(model, ids, mask, 4, 7, 3)[2] == 3                  # an explicit pad_token_id wins
     with pytest.raises(ValueError, match="input_ids"):
-        check_inputs(ids[0], None, 4, None, None)
+        check_inputs(model, ids[0], None, 4, None, None)
     for bad in ([], [1.5], "2"):
         with pytest.raises(ValueError, match="eos_token_id"):
-            check_inputs(ids, mask, 4, bad, None)
+            check_inputs(model, ids, mask, 4, bad, None)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])

@@ -1,6 +1,6 @@
 """Masked positions and knob checks shared by the ops (fastrlhf.ops): whitening and the masked mean never
 read what padding holds, every mask is 0/1, every knob is checked by name, and generate's prompt tensors
-(ops.check_generate_inputs). GAE, value loss and sampling have their own tests in test_gae.py,
+(fastrlhf.generation.check_inputs). GAE, value loss and sampling have their own tests in test_gae.py,
 test_losses.py and test_sample_tokens.py."""
 import pytest
 import torch
@@ -8,6 +8,7 @@ import torch
 import fastrlhf as F
 from fastrlhf import ops, ref
 from test_gae import with_garbage
+from fastrlhf.generation import check_inputs
 
 
 def _x_mask(seed=0):
@@ -122,7 +123,7 @@ def test_loss_side_temperature_check(temperature, match):
 
 
 class _Model(torch.nn.Module):
-    """What check_generate_inputs reads of a model: its input embedding (else config.vocab_size)."""
+    """What generation.check_inputs reads of a model: its input embedding (else config.vocab_size)."""
 
     def __init__(self, vocab=97):
         super().__init__()
@@ -132,13 +133,13 @@ class _Model(torch.nn.Module):
         return self.embed
 
 
-def test_check_generate_inputs_accepts_prompts_in_the_vocabulary():
+def test_check_inputs_accepts_prompts_in_the_vocabulary():
     ids = torch.randint(0, 97, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[0, :2] = 0
-    ops.check_generate_inputs(_Model(), ids, mask)
-    ops.check_generate_inputs(_Model(), ids, None)
-    ops.check_generate_inputs(_Model(), ids.int(), mask.bool())
+    check_inputs(_Model(), ids, mask, 4, None, None)
+    check_inputs(_Model(), ids, None, 4, None, None)
+    check_inputs(_Model(), ids.int(), mask.bool(), 4, None, None)
 
 
 @pytest.mark.parametrize("case,error,match", [
@@ -155,7 +156,7 @@ def test_check_generate_inputs_accepts_prompts_in_the_vocabulary():
     ("mask shape", ValueError, r"attention_mask: expected shape \(3, 7\), got \(3, 6\)"),
     ("mask device", ValueError, "attention_mask: expected a tensor on cpu .*got meta"),
 ])
-def test_check_generate_inputs_refuses(case, error, match):
+def test_check_inputs_refuses(case, error, match):
     ids = torch.randint(0, 97, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(3, 7, dtype=torch.long)
     if case == "id = vocab":
@@ -183,10 +184,10 @@ def test_check_generate_inputs_refuses(case, error, match):
     elif case == "mask device":
         mask = mask.to("meta")
     with pytest.raises(error, match=match):
-        ops.check_generate_inputs(_Model(), ids, mask)
+        check_inputs(_Model(), ids, mask, 4, None, None)
 
 
-def test_check_generate_inputs_vocabulary_from_the_config_or_refused():
+def test_check_inputs_vocabulary_from_the_config_or_refused():
     class Config:
         vocab_size = 10
 
@@ -194,11 +195,11 @@ def test_check_generate_inputs_vocabulary_from_the_config_or_refused():
         config = Config()
 
     ids = torch.tensor([[3, 9]])
-    ops.check_generate_inputs(ConfigOnly(), ids, None)
+    check_inputs(ConfigOnly(), ids, None, 4, None, None)
     with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 10\)"):
-        ops.check_generate_inputs(ConfigOnly(), ids + 1, None)
+        check_inputs(ConfigOnly(), ids + 1, None, 4, None, None)
     with pytest.raises(ValueError, match="model: expected a model with get_input_embeddings"):
-        ops.check_generate_inputs(object(), ids, None)
+        check_inputs(object(), ids, None, 4, None, None)
 
 
 @pytest.mark.cuda
