@@ -1,16 +1,23 @@
-"""Atomic checkpoints: `<output_dir>/checkpoint-<step>/state.pt` + `config.json`.
+"""Atomic, verified checkpoints: `<output_dir>/checkpoint-<step>/` holding `state.pt`, `config.json` and
+`manifest.json` (each file's size and sha256, written last).
 
-A checkpoint is written to a temporary sibling directory and moved into place with `os.replace`,
-so a kill during a save leaves the previous checkpoints intact (and at worst a `.tmp-*` directory,
-which `latest` ignores)."""
+A checkpoint is written to a temporary sibling directory and moved into place with `os.replace`, so a
+kill during a save leaves the previous checkpoints intact (and at worst a `.tmp-checkpoint-*` or
+`.old-checkpoint-*` directory, which `clean_partial` removes at the next save). A checkpoint counts only
+if its files match its manifest (`verify`); `state.pt` is read with `torch.load(weights_only=True)`,
+which rebuilds tensors and plain data and refuses anything else, so a checkpoint cannot run code."""
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -18,12 +25,26 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_PARTIAL = re.compile(r"^\.(tmp|old)-checkpoint-(\d+)(-|$)")  # .tmp-checkpoint-<step>-<random>, .old-checkpoint-<step>
+MANIFEST = "manifest.json"
+FILES = ("state.pt", "config.json")
+
+# What `torch.load(weights_only=True)` rebuilds (torch/_weights_only_unpickler.py): exact types, since a
+# subclass such as numpy.float64 (a float) pickles as its own class and is refused.
+_LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Tensor,
+           torch.nn.Parameter)
+_SEQUENCES = (list, tuple, torch.Size, set)
 
 
 def rng_state(generators: dict) -> dict:
-    """Python, numpy, torch (CPU + CUDA) and the named torch.Generator / random.Random states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "generators": {}}
+    """Python, numpy, torch (CPU + CUDA) and the named torch.Generator / random.Random states, in forms
+    `torch.load(weights_only=True)` rebuilds: Python's `getstate()` tuple of ints as it is, numpy's
+    (str, uint32[624], int, int, float) with the key array as an int64 tensor, torch's ByteTensors."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached_gaussian)),
+             "torch": torch.get_rng_state(), "generators": {}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     for name, g in generators.items():
@@ -33,7 +54,8 @@ def rng_state(generators: dict) -> dict:
 
 def set_rng_state(state: dict, generators: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -62,18 +84,77 @@ def load_trainable_state(module: torch.nn.Module, state: dict):
             params[k].copy_(v)
 
 
+def _check_plain(x, where: str):
+    """Raise if `x` holds anything `torch.load(weights_only=True)` would refuse, so a save that could
+    never be loaded fails now, not at the resume."""
+    if type(x) in (dict, collections.OrderedDict):
+        for k, v in x.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(x) in _SEQUENCES:
+        for i, v in enumerate(x):
+            _check_plain(v, f"{where}[{i}]")
+    elif type(x) not in _LEAVES:
+        raise ValueError(f"checkpoint: {where}: expected tensors, dicts, lists, tuples, numbers, strings or "
+                         f"None (what torch.load(weights_only=True) reads), got {type(x).__module__}."
+                         f"{type(x).__qualname__}")
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clean_partial(output_dir):
+    """Remove what a killed `save` left in `output_dir`: `.tmp-checkpoint-*` (a save that never
+    became visible) and `.old-checkpoint-<step>` (the previous copy of a re-saved step). A kill
+    between the two renames of a re-save leaves `.old-checkpoint-<step>` as the only copy of that step:
+    it is moved back to `checkpoint-<step>` instead."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return
+    for p in sorted(out.iterdir()):
+        m = _PARTIAL.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        final = out / f"checkpoint-{m.group(2)}"
+        if m.group(1) == "old" and not final.exists():
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save(output_dir, step: int, state: dict, config: dict, *, keep: Optional[int] = None) -> Path:
-    """Write `state` (torch-serializable) and `config` (JSON) as checkpoint-<step>, atomically.
-    `keep`: how many of the newest checkpoints to keep (None = all)."""
+    """Write `state` (tensors and plain data) and `config` (JSON) as checkpoint-<step>, atomically, with
+    a manifest of both. `keep`: how many of the newest intact checkpoints to keep (None = all); older
+    checkpoint directories, intact or not, are removed."""
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep: expected None or an int >= 1, got {keep!r}")
+    _check_plain(state, "state")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_partial(out)
     final = out / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=out))
     torch.save(state, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    for f in tmp.iterdir():  # the data is on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    files = {}
+    for name in FILES:  # the data is on disk before the manifest vouches for it
+        _fsync(tmp / name)
+        files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    _fsync(tmp / MANIFEST)
     if final.exists():  # re-saving the same step (e.g. the final save): move the old one aside first
         old = out / f".old-checkpoint-{step}"
         shutil.rmtree(old, ignore_errors=True)
@@ -82,31 +163,104 @@ def save(output_dir, step: int, state: dict, config: dict, *, keep: Optional[int
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync(out)  # the rename itself is on disk
     if keep is not None:
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(out, keep, final)
     return final
 
 
-def list_checkpoints(output_dir) -> list:
-    """Complete checkpoints in `output_dir`, oldest first."""
-    out = Path(output_dir)
+def _steps(out: Path) -> list:
+    """checkpoint-<step> directories in `out`, oldest first, intact or not."""
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and
-             (p / "state.pt").is_file()]
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
+def _prune(out: Path, keep: int, written: Path):
+    """Keep the `keep` newest intact checkpoints (`written` is intact: it was just saved) and whatever is
+    newer than them; remove every checkpoint directory older than the oldest kept."""
+    kept = 0
+    dirs = _steps(out)
+    for i in range(len(dirs) - 1, -1, -1):
+        if dirs[i] == written or verify(dirs[i]) is None:
+            kept += 1
+            if kept >= keep:
+                for p in dirs[:i]:
+                    shutil.rmtree(p, ignore_errors=True)
+                return
+
+
+def verify(path) -> Optional[str]:
+    """None if the checkpoint at `path` is intact (its manifest.json lists state.pt and config.json with
+    the sizes and sha256 they have), else why not. A checkpoint without manifest.json is not intact:
+    its save did not finish, or it was written before checkpoints carried a manifest (such a state.pt
+    also holds numpy arrays, which the weights-only loader refuses)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        files = json.loads(manifest.read_bytes())["files"]
+        want = {name: (int(files[name]["size"]), str(files[name]["sha256"])) for name in FILES}
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{manifest} is unreadable ({type(exc).__name__}: {exc})"
+    for name, (size, sha) in want.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, {MANIFEST} says {size} (truncated or cut)"
+        if _sha256(f) != sha:
+            return f"{f} does not match the sha256 in {MANIFEST} (corrupted)"
+    return None
+
+
+def list_checkpoints(output_dir) -> list:
+    """Intact checkpoints in `output_dir` (`verify`), oldest first; each one that is not intact is
+    skipped with a warning naming it and why."""
+    found = []
+    for p in _steps(Path(output_dir)):
+        reason = verify(p)
+        if reason is None:
+            found.append(p)
+        else:
+            warnings.warn(f"checkpoint: skipping {p}: {reason}", stacklevel=2)
+    return found
+
+
 def latest(output_dir) -> Optional[Path]:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest intact checkpoint in `output_dir` (None if there is none); each newer one that is
+    not intact is skipped with a warning naming it and why."""
+    for p in reversed(_steps(Path(output_dir))):
+        reason = verify(p)
+        if reason is None:
+            return p
+        warnings.warn(f"checkpoint: skipping {p}: {reason}", stacklevel=2)
+    return None
 
 
 def load(path) -> tuple:
-    """checkpoint dir -> (state, config dict)."""
+    """checkpoint dir -> (state, config dict). Raises ValueError naming the file if the checkpoint is
+    not intact (`verify`) or state.pt holds anything but tensors and plain data (nothing in it runs)."""
     path = Path(path)
     if not (path / "state.pt").is_file():
         raise ValueError(f"checkpoint: expected a directory with state.pt, got {str(path)!r}")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    return state, json.loads((path / "config.json").read_text())
+    reason = verify(path)
+    if reason is not None:
+        raise ValueError(f"checkpoint: {path} is not intact: {reason}")
+    f = path / "state.pt"
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" (it references {m.group(1)})" if m else ""
+        raise ValueError(f"checkpoint: {f} holds objects other than tensors and plain data{what}; refused "
+                         f"to load it, since unpickling them could run code") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"checkpoint: {f} is not a readable torch file ({type(exc).__name__}: {exc})") from None
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"checkpoint: {path / 'config.json'} is not JSON ({exc})") from None
+    return state, config

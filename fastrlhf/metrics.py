@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,14 +16,18 @@ REQUIRED = ("step", "reward_mean", "reward_std", "kl", "entropy", "loss", "value
 
 class MetricsLogger:
     """Appends one record per step to metrics.jsonl (truncated to `start_step` on resume, so a
-    resumed run's file equals an uninterrupted run's) and mirrors scalars to TensorBoard."""
+    resumed run's file equals an uninterrupted run's) and mirrors scalars to TensorBoard.
+
+    Each record is one `write` of its whole line to the file opened for appending, so a kill leaves at
+    worst a torn last line, which `read_metrics` skips; the truncation at start goes through a
+    temporary file and `os.replace`, so a kill during it leaves the old file whole."""
 
     def __init__(self, output_dir, *, report_to: str = "none", start_step: int = 0):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.records: List[dict] = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.writer = None
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -34,8 +39,7 @@ class MetricsLogger:
             raise ValueError(f"record: missing metrics {missing}")
         record = {k: _plain(v) for k, v in record.items()}
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_line(self.path, json.dumps(record) + "\n")
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -54,11 +58,58 @@ def _plain(v):
     return v
 
 
+def _append_line(path: Path, line: str):
+    """One write(2) of the whole line at the end of the file (O_APPEND), so lines never interleave
+    and a kill cuts at most this one."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:  # a regular file takes it in one write unless the disk is full
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def _replace_text(path: Path, text: str):
+    """Replace `path`'s contents with `text` atomically: a temporary file in the same directory, on
+    disk, then `os.replace`. A kill before the rename leaves the old file; the next call overwrites
+    the temporary one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def read_metrics(path) -> List[dict]:
+    """The records of a metrics.jsonl, in order. A torn last line (one without its newline, or the last
+    one that is not a JSON object: a kill during its append) is skipped; any other line that is not a
+    JSON object is an error naming the file and the line number."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *lines, tail = path.read_bytes().split(b"\n")  # tail: b"" after the last newline, or a torn line
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:  # json.JSONDecodeError, or UnicodeDecodeError on scrambled bytes
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            if isinstance(record, dict):
+                records.append(record)
+                continue
+            reason = f"got a JSON {type(record).__name__}"
+        if k == len(numbered) - 1 and not tail.strip():
+            break  # the last line, torn
+        raise ValueError(f"metrics: {path}:{i}: expected one JSON object per line, {reason}")
+    return records
 
 
 def peak_mem_mib(device: torch.device) -> float:
