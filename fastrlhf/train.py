@@ -290,7 +290,8 @@ def sample(run: Run, prompts, *, temperature=None, generator=None):
                                  pad_token_id=tok.pad_token_id,
                                  generator=run.streams.sample if generator is None else generator))
     # every chunk's responses (their valid tokens), right padded to the longest response of all
-    responses = [row[:k] for g in gens for row, k in zip(g.sequences[:, P:].tolist(), g.response_mask.sum(1).tolist())]
+    responses = [row[:k] for g in gens
+                 for row, k in zip(g.sequences[:, P:].tolist(), g.response_mask.sum(1).tolist())]
     resp, rmask = pad_rows(responses, tok.pad_token_id, side="right", device=run.device)
     sample_lp = torch.zeros(rmask.shape, dtype=torch.float32, device=run.device).masked_scatter_(
         rmask.bool(), torch.cat([g.logprobs[g.response_mask.bool()] for g in gens]))   # 0 on padding
@@ -313,8 +314,8 @@ def scoring_passes(run: Run, seq, attn, P: int, labels):
             v = value_forward(bundle, ids, am, h, P, n).float()
             with bundle.reference() as ref_model:
                 ref_w, ref_b = output_layer(ref_model)
-                ref_lp, _ = response_logprobs_and_entropy(sequence_hidden_states(ref_model, ids, am)[:, P - 1:P - 1 + n],
-                                                          ref_w, ref_b, lab, run.cfg.temperature, chunk)
+                ref_h = sequence_hidden_states(ref_model, ids, am)[:, P - 1:P - 1 + n]
+                ref_lp, _ = response_logprobs_and_entropy(ref_h, ref_w, ref_b, lab, run.cfg.temperature, chunk)
         parts.append((lp, ent, v, ref_lp))
     return tuple(torch.cat(t) for t in zip(*parts))
 

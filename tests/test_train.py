@@ -228,3 +228,31 @@ def test_out_of_memory_becomes_a_clear_message(tmp_path, monkeypatch):
         train.main(small(tmp_path))
     msg = str(e.value)
     assert "out of memory during update" in msg and "micro_batch=4" in msg and "lower" in msg
+
+
+def test_rollout_rows_pick_rows_and_drop_only_padding_columns(tmp_path):
+    from fastrlhf.config import parse_args
+    run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "6")))
+    roll = train.rollout(run, run.job.task.sample(6, run.streams.data))
+    assert roll.mask.shape[1] >= 3
+    roll.mask[5], roll.mask[2] = 0, 0                             # rows 5 and 2: responses of 2 and 1 tokens
+    roll.mask[5, :2], roll.mask[2, :1] = 1, 1
+    idx = torch.tensor([5, 2])
+    sub = roll.rows(idx)
+    assert sub.input_ids.shape == sub.attn.shape == (2, roll.P + 2) and sub.P == roll.P
+    for k in train.Rollout.TOKEN_FIELDS:
+        assert torch.equal(getattr(sub, k), getattr(roll, k)[idx, :2]), k
+    for k in train.Rollout.ROW_FIELDS:
+        assert torch.equal(getattr(sub, k), getattr(roll, k)[idx]), k
+    assert torch.equal(sub.input_ids, roll.input_ids[idx, :roll.P + 2])
+    assert sub.texts == [roll.texts[5], roll.texts[2]]
+
+
+def test_optimizer_groups_are_the_policy_then_the_value_head(tmp_path):
+    """Group 0 trains the policy at --learning_rate, group 1 the value head at --critic_learning_rate."""
+    from fastrlhf.config import parse_args
+    run = train.setup(parse_args(small(tmp_path, "--learning_rate", "1e-4", "--critic_learning_rate", "1e-3")))
+    policy, critic = run.optim.optimizer.param_groups
+    assert policy["params"] == run.bundle.policy_parameters() and policy["lr"] == 1e-4
+    assert critic["params"] == list(run.bundle.value_head.parameters()) and critic["lr"] == 1e-3
+    assert policy["params"] + critic["params"] == run.bundle.trainable_parameters()
