@@ -126,7 +126,7 @@ def run_case(name, model_path, algo, *, batch, prompt_len, new_tokens, max_memor
         print(f"{name}/{algo}: {plan.message}", file=sys.stderr)
         run.cfg = dataclasses.replace(run.cfg, per_device_batch_size=plan.micro_batch,
                                       gradient_accumulation_steps=batch // plan.micro_batch)
-        prompts = run.task.sample(batch, run.data_rng)
+        prompts = run.job.task.sample(batch, run.streams.data)
         for phase, fn in (("generation", lambda: T.sample(run, prompts)), ("rollout", lambda: T.rollout(run, prompts))):
             t0 = time.perf_counter()
             with mem(phase):
@@ -144,7 +144,7 @@ def run_case(name, model_path, algo, *, batch, prompt_len, new_tokens, max_memor
         print(msg, file=sys.stderr)
         return harness.result("rlhf_step", "fastrlhf", shape, float("nan"), max(mem.peaks.values(), default=None),
                               oom=msg, **{f"{k}_peak_mib": v for k, v in mem.peaks.items()})
-    gen_tokens = int(out["rollout"]["response_len"].sum().item())
+    gen_tokens = int(out["rollout"].response_len.sum().item())
     return harness.result(
         "rlhf_step", "fastrlhf", shape, out["rollout_ms"] + update_ms, max(mem.peaks.values()),
         load_peak_mib=mem.peaks["load"], generation_peak_mib=mem.peaks["generation"],

@@ -1,5 +1,6 @@
 """Atomic, verified checkpoints: `<output_dir>/checkpoint-<step>/` holding `state.pt`, `config.json` and
-`manifest.json` (each file's size and sha256, written last).
+`manifest.json` (each file's size and sha256, written last), and a training run's checkpoint I/O on top of
+them (`save_run`, `load_weights`, `resume`).
 
 A checkpoint is written to a temporary sibling directory and moved into place with `os.replace`, so a
 kill during a save leaves the previous checkpoints intact (and at worst a `.tmp-checkpoint-*` or
@@ -19,10 +20,13 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .train import Run
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^\.(tmp|old)-checkpoint-(\d+)(-|$)")  # .tmp-checkpoint-<step>-<random>, .old-checkpoint-<step>
@@ -264,3 +268,51 @@ def load(path) -> tuple:
     except ValueError as exc:
         raise ValueError(f"checkpoint: {path / 'config.json'} is not JSON ({exc})") from None
     return state, config
+
+
+# ----------------------------------------------------------------------------------------------------
+# A training run's checkpoints (fastrlhf.train.Run)
+# ----------------------------------------------------------------------------------------------------
+
+def save_run(run: Run) -> Path:
+    """Checkpoint the run at its current step: the trainable weights, the reference when the warm-start
+    changed it, the optimizer, schedule, reward-shaping state, random streams and the held-out score."""
+    b = run.bundle
+    state = {"step": run.step, "policy": trainable_state(b.policy),
+             "value_head": b.value_head.state_dict(),
+             "critic": trainable_state(b.critic) if b.critic is not None else None,
+             "reference": run.reference_state, "optimizer": run.optim.optimizer.state_dict(),
+             "scheduler": run.optim.scheduler.state_dict(), "moments": run.shaping.moments.state_dict(),
+             "kl_ctl": run.shaping.kl_ctl.state_dict(), "rng": run.streams.state(),
+             "eval_before": run.eval_before}
+    return save(run.cfg.output_dir, run.step, state, run.cfg.to_dict(), keep=run.cfg.save_total_limit)
+
+
+def load_weights(run: Run, state: dict):
+    """The weights of a `save_run` state into the run's models (policy, value head, critic, reference)."""
+    b = run.bundle
+    load_trainable_state(b.policy, state["policy"])
+    b.value_head.load_state_dict(state["value_head"])
+    if b.critic is not None:
+        load_trainable_state(b.critic, state["critic"])
+    if state["reference"] is not None:
+        with b.reference() as ref_model:
+            ref_model.load_state_dict(state["reference"])
+        run.reference_state = state["reference"]
+
+
+def resume(run: Run, where: str) -> Path:
+    """Restore the run from the checkpoint `where` (a directory, or "latest" in the run's output_dir),
+    so that it continues step for step as if uninterrupted; returns the checkpoint's path."""
+    path = latest(run.cfg.output_dir) if where == "latest" else Path(where)
+    if path is None:
+        raise ValueError(f"resume: no checkpoint in {run.cfg.output_dir!r}")
+    state, _ = load(path)
+    load_weights(run, state)
+    run.optim.optimizer.load_state_dict(state["optimizer"])
+    run.optim.scheduler.load_state_dict(state["scheduler"])
+    run.shaping.moments.load_state_dict(state["moments"])
+    run.shaping.kl_ctl.load_state_dict(state["kl_ctl"])
+    run.streams.set_state(state["rng"])
+    run.step, run.eval_before = state["step"], state["eval_before"]
+    return path

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     if cmd == "train":
         from .train import main as run
     elif cmd == "eval":
-        from .train import eval_main as run
+        from .evaluate import eval_main as run
     elif cmd == "info":
         from .info import main as run
     else:

@@ -113,15 +113,21 @@ class Bundle:
     device: torch.device
     dtype: torch.dtype
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimizer updates: LoRA adapters (or all policy weights), the value head, the
-        critic's trainable weights. Frozen reference weights are never included."""
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.value_head is not None:
-            params += list(self.value_head.parameters())
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """The policy's trainable parameters: its LoRA adapters, or all its weights."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The value head's parameters, then the separate critic's trainable weights when there is one."""
+        params = list(self.value_head.parameters())
         if self.critic is not None:
             params += [p for p in self.critic.parameters() if p.requires_grad]
         return params
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates: `policy_parameters()` then `critic_parameters()`. Frozen
+        reference weights are never included."""
+        return self.policy_parameters() + self.critic_parameters()
 
 
 # --------------------------------------------------------------------------------------------------------

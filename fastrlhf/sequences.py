@@ -45,4 +45,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (m.cumsum(-1) - 1).masked_fill(m == 0, 1)
 
 
-__all__ = ["pad_rows", "position_ids"]
+def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt texts -> (ids [B, P], mask [B, P]) for generation: each prompt's last `max_len` tokens
+    (left truncation keeps the end, where the question is), left padded to the longest."""
+    rows = [list(tokenizer.encode(p))[-max_len:] for p in prompts]
+    return pad_rows(rows, tokenizer.pad_token_id, side="left", device=device)
+
+
+__all__ = ["encode_prompts", "pad_rows", "position_ids"]

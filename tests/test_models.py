@@ -188,11 +188,11 @@ def test_separate_critic(tmp_path):
 
 
 def test_critic_scoring_and_generation_give_a_token_the_same_position_id(tmp_path):
-    """On a left-padded batch, generation, the policy's scoring pass (train.hidden_states) and the critic
+    """On a left-padded batch, generation, the policy's scoring pass (passes.sequence_hidden_states) and the critic
     pass each valid token its index among its row's valid tokens (README, "Sequence layout"), and the
     critic's ids are fastrlhf.sequences.position_ids exactly (1 on padding, as generation has it). Hidden
     states alone cannot show this: fully masked padded positions come out the same whatever their id."""
-    from fastrlhf import sequences, train
+    from fastrlhf import passes, sequences
     from fastrlhf.generation import generate
 
     critic_path, _ = save_tiny(tmp_path, "llama", hidden=64)
@@ -211,7 +211,7 @@ def test_critic_scoring_and_generation_give_a_token_the_same_position_id(tmp_pat
             generation = torch.cat(seen, dim=1)  # [B, P] prefill, then [B, 1] per fed token
             seen.clear()
             mask = torch.cat([prompt_mask, gen.response_mask], dim=1)
-            train.hidden_states(b.policy, gen.sequences, mask)
+            passes.sequence_hidden_states(b.policy, gen.sequences, mask)
             scoring = seen.pop()
         with b.critic.register_forward_pre_hook(record, with_kwargs=True):
             critic_hidden_states(b, gen.sequences, mask)

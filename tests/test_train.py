@@ -1,11 +1,12 @@
 """End-to-end runs of `fastrlhf train` / `fastrlhf eval` on a tiny model (CPU)."""
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from fastrlhf import checkpoint, metrics, train
+from fastrlhf import checkpoint, evaluate, metrics, train
 
 # A 1-layer, 32-wide built-in Llama: every run below takes seconds.
 TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_num_heads", "2",
@@ -107,10 +108,10 @@ def test_eval_scores_a_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(small(out, "--max_steps", "1")) == 0
     capsys.readouterr()
-    assert train.eval_main([str(out), "--eval_samples", "8"]) == 0
+    assert evaluate.eval_main([str(out), "--eval_samples", "8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 1 and result["eval_samples"] == 8 and 0.0 <= result["reward_mean"] <= 1.0
-    assert train.eval_main([str(tmp_path / "nothing")]) == 2
+    assert evaluate.eval_main([str(tmp_path / "nothing")]) == 2
 
 
 def test_sentiment_prompts_file_with_user_callable(tmp_path):
@@ -166,18 +167,18 @@ def test_update_loss_ignores_padding_columns(tmp_path):
     from fastrlhf.config import parse_args
     run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "4", "--entropy_coef", "0.01",
                                        "--batch_entropy_coef", "0.01")))
-    roll = train.rollout(run, run.task.sample(4, run.data_rng))
+    roll = train.rollout(run, run.job.task.sample(4, run.streams.data))
     pad = 3
-    padded = dict(roll)
-    for k in ("input_ids", "attn", "mask", "labels", "advantages", "old_logprobs", "ref_logprobs", "old_values",
-              "returns"):
-        t = roll[k]
+    columns = {}
+    for k in train.Rollout.SEQUENCE_FIELDS + train.Rollout.TOKEN_FIELDS:
+        t = getattr(roll, k)
         fill = run.bundle.tokenizer.pad_token_id if k in ("input_ids", "labels") else 0
-        padded[k] = torch.cat([t, torch.full((t.shape[0], pad), fill, dtype=t.dtype)], dim=1)
+        columns[k] = torch.cat([t, torch.full((t.shape[0], pad), fill, dtype=t.dtype)], dim=1)
+    padded = dataclasses.replace(roll, **columns)
     idx = torch.arange(4)
     cfg = train.loss_config(run)
-    loss_a, stats_a = train.micro_batch_loss(run, roll, idx, cfg)
-    loss_b, stats_b = train.micro_batch_loss(run, padded, idx, cfg)
+    loss_a, stats_a = train.micro_batch_loss(run, roll.rows(idx), cfg)
+    loss_b, stats_b = train.micro_batch_loss(run, padded.rows(idx), cfg)
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(stats_a[k], stats_b[k]) for k in stats_a)
 
@@ -187,15 +188,15 @@ def test_gradient_does_not_depend_on_micro_batch_size(tmp_path):
     micro-batches hold different numbers of response tokens."""
     from fastrlhf.config import parse_args
     run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "6", "--entropy_coef", "0.01")))
-    roll = train.rollout(run, run.task.sample(6, run.data_rng))
-    roll["mask"][0, 1:] = 0                                       # uneven response lengths
-    roll["mask"][3, 2:] = 0
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    roll = train.rollout(run, run.job.task.sample(6, run.streams.data))
+    roll.mask[0, 1:] = 0                                          # uneven response lengths
+    roll.mask[3, 2:] = 0
+    params = [p for g in run.optim.optimizer.param_groups for p in g["params"]]
     cfg = train.loss_config(run)
     grads = []
     for micro in (6, 4, 1):
-        run.micro_batch = micro
-        run.optimizer.zero_grad(set_to_none=True)
+        run.sizes.micro_batch = micro
+        run.optim.optimizer.zero_grad(set_to_none=True)
         train.accumulate_gradients(run, roll, torch.arange(6), cfg)
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
     assert grads[0].abs().max() > 0
@@ -207,14 +208,14 @@ def test_generation_in_chunks_pads_to_the_longest_response(tmp_path):
     """What a memory plan does on a GPU (generation in chunks, smaller micro-batches), forced on the CPU."""
     from fastrlhf.config import parse_args
     run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "6")))
-    run.generation_batch, run.micro_batch = 3, 2
-    seq, attn, P, mask, texts, lp = train.sample(run, run.task.sample(8, run.data_rng))
+    run.sizes.generation_batch, run.sizes.micro_batch = 3, 2
+    seq, attn, P, mask, texts, lp = train.sample(run, run.job.task.sample(8, run.streams.data))
     assert seq.shape == (8, P + mask.shape[1]) and attn.shape == seq.shape and lp.shape == mask.shape
     pad = run.bundle.tokenizer.pad_token_id
     assert (seq[:, P:][mask == 0] == pad).all() and (lp[mask == 0] == 0).all()
     assert torch.equal(mask.sum(1) > 0, torch.ones(8, dtype=torch.bool))
     assert (mask[:, :-1] >= mask[:, 1:]).all()                    # right padded
-    roll = train.rollout(run, run.task.sample(8, run.data_rng))
+    roll = train.rollout(run, run.job.task.sample(8, run.streams.data))
     stats = train.update(run, roll)
     assert math.isfinite(stats["loss"])
 
@@ -227,3 +228,31 @@ def test_out_of_memory_becomes_a_clear_message(tmp_path, monkeypatch):
         train.main(small(tmp_path))
     msg = str(e.value)
     assert "out of memory during update" in msg and "micro_batch=4" in msg and "lower" in msg
+
+
+def test_rollout_rows_pick_rows_and_drop_only_padding_columns(tmp_path):
+    from fastrlhf.config import parse_args
+    run = train.setup(parse_args(small(tmp_path, "--max_new_tokens", "6")))
+    roll = train.rollout(run, run.job.task.sample(6, run.streams.data))
+    assert roll.mask.shape[1] >= 3
+    roll.mask[5], roll.mask[2] = 0, 0                             # rows 5 and 2: responses of 2 and 1 tokens
+    roll.mask[5, :2], roll.mask[2, :1] = 1, 1
+    idx = torch.tensor([5, 2])
+    sub = roll.rows(idx)
+    assert sub.input_ids.shape == sub.attn.shape == (2, roll.P + 2) and sub.P == roll.P
+    for k in train.Rollout.TOKEN_FIELDS:
+        assert torch.equal(getattr(sub, k), getattr(roll, k)[idx, :2]), k
+    for k in train.Rollout.ROW_FIELDS:
+        assert torch.equal(getattr(sub, k), getattr(roll, k)[idx]), k
+    assert torch.equal(sub.input_ids, roll.input_ids[idx, :roll.P + 2])
+    assert sub.texts == [roll.texts[5], roll.texts[2]]
+
+
+def test_optimizer_groups_are_the_policy_then_the_value_head(tmp_path):
+    """Group 0 trains the policy at --learning_rate, group 1 the value head at --critic_learning_rate."""
+    from fastrlhf.config import parse_args
+    run = train.setup(parse_args(small(tmp_path, "--learning_rate", "1e-4", "--critic_learning_rate", "1e-3")))
+    policy, critic = run.optim.optimizer.param_groups
+    assert policy["params"] == run.bundle.policy_parameters() and policy["lr"] == 1e-4
+    assert critic["params"] == list(run.bundle.value_head.parameters()) and critic["lr"] == 1e-3
+    assert policy["params"] + critic["params"] == run.bundle.trainable_parameters()
