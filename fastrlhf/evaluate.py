@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import TrainConfig
-from .rewards import scores_tensor
+from .config import TrainConfig, validate
+from .rewards import BUILTIN_REWARDS, scores_tensor
 from .tasks import load_prompts
 from .train import Run, quiet_transformers, sample, setup
 
@@ -40,6 +40,9 @@ def eval_main(argv=None) -> int:
                                                    "prompts from the run's task]")
     p.add_argument("--seed", type=int, default=1234, help="seed of the held-out draw [default: 1234]")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="[default: auto]")
+    p.add_argument("--reward", default=None, help="reward to score with, as `fastrlhf train --reward` "
+                   "[default: the run's, except that a run's reward file or module (code) is imported only "
+                   "when named here]")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         path = Path(args.checkpoint)
@@ -50,6 +53,13 @@ def eval_main(argv=None) -> int:
         state, cfg_dict = checkpoint.load(path)
         cfg = TrainConfig.from_dict(cfg_dict)
         cfg = dataclasses.replace(cfg, device=args.device, resume=None, sft_steps=0)
+        if args.reward is not None:
+            cfg = dataclasses.replace(cfg, reward=args.reward)
+            validate(cfg)
+        elif cfg.reward is not None and cfg.reward not in BUILTIN_REWARDS:
+            # a checkpoint is data: the code it names runs only when the user asks for it
+            raise ValueError(f"reward: the run scored with {cfg.reward!r}, which is code (it would be "
+                             f"imported and run); pass --reward {cfg.reward} to run it, or another reward")
         if args.eval_samples is not None and args.eval_samples < 1:
             raise ValueError(f"eval_samples: expected an int >= 1, got {args.eval_samples}")
         prompts = load_prompts(args.prompts) if args.prompts else None

@@ -123,6 +123,14 @@ def test_sentiment_prompts_file_with_user_callable(tmp_path):
     assert train.main(small(out, "--task", "sentiment", "--prompts", str(prompts), "--reward", f"{fn}:n_chars",
                             "--max_steps", "1")) == 0
     assert len(records(out)) == 1
+    # eval imports a reward file named in a checkpoint only when the user names it
+    marker = tmp_path / "ran"
+    fn.write_text(fn.read_text() + f"open({str(marker)!r}, 'w').close()\n")
+    assert evaluate.eval_main([str(out), "--eval_samples", "2", "--prompts", str(prompts)]) == 2
+    assert not marker.exists()
+    assert evaluate.eval_main([str(out), "--eval_samples", "2", "--prompts", str(prompts),
+                               "--reward", f"{fn}:n_chars"]) == 0
+    assert marker.exists()
 
 
 def test_vader_on_builtin_sentiment_prompts(tmp_path):
