@@ -1,7 +1,7 @@
 """`TrainConfig`: every knob of `fastrlhf train`, its flag, its default, its preset, its checks.
 
-Sources, later wins: dataclass defaults < the `--algo` preset (fields left unset) < `--config FILE.yaml`
-< command-line flags. The model's knobs are `fastrlhf.models.ModelConfig`, composed as `cfg.model`;
+Sources, later wins: dataclass defaults < the `--algo` preset (fields left unset) < `--recipe NAME`
+(fastrlhf/recipes/NAME.yaml, shipped in the package) < `--config FILE.yaml` < command-line flags. The model's knobs are `fastrlhf.models.ModelConfig`, composed as `cfg.model`;
 its fields are flags too (flat names in YAML and on the command line). Every flag's help is its
 field's `metadata["help"]`, here and in ModelConfig. `parse_args` checks everything before any model
 is loaded.
@@ -16,34 +16,90 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .models import ModelConfig
+from .models import PADULA_SIZES, ModelConfig
 from .models import validate as validate_model
 from .optim import OPTIMIZERS
 from .ref import KL_ESTIMATORS
+from .rewards import BUILTIN_REWARDS
+from .tasks import make_task
 
 ALGOS = ("ppo", "ppo-max", "apa")
-TASKS = ("arithmetic", "sentiment", "file")
+TASKS = ("arithmetic", "padula-arithmetic", "sentiment", "file")
 
-# Per-algorithm defaults for the fields that are None in TrainConfig, from each method's own source: ppo
-# from Hugging Face TRL's PPOConfig defaults, ppo-max from Secrets of RLHF in Large Language Models Part I
-# (Zheng et al. 2023) and its MOSS-RLHF code, apa from Zhu et al. 2023 (Fine-Tuning Language Models with
-# Advantage-Induced Policy Alignment). Every one is overridable by a flag or the YAML file.
+# Per-algorithm defaults for the fields that are None in TrainConfig, each from its method's own code (the
+# commits papers-vs-code.md reads: TRL, OpenLMLab/MOSS-RLHF @ 4865d82, microsoft/RLHF-APA @ cfe7da2). Every
+# one is overridable by a --recipe, the YAML file or a flag. Fields no preset can set (learning rate, Adam
+# betas, batch size) are in the recipes (fastrlhf/recipes/ppo-max-paper.yaml, apa-paper.yaml).
 PRESETS = {
-    # TRL-style PPO: k1 KL in the reward, GAE γ=1 λ=0.95, ε=0.2, ε_v=0.2, whitened advantages.
-    "ppo": dict(kl_coef=0.05, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-                cliprange_value=0.2, whiten_advantages=True, adv_clip=None, score_scaling="none",
-                score_clip=None, max_grad_norm=None, vf_coef=0.1, adv_coeff=10.0, num_mini_batches=1),
-    # Secrets of RLHF I (PPO-max): score scaled by the running std and clipped, token-level KL in
-    # the reward, value + ratio clipping, whitened (and clipped) advantages, grad-norm 1.0, one
-    # rollout batch per update.
-    "ppo-max": dict(kl_coef=0.05, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-                    cliprange_value=0.2, whiten_advantages=True, adv_clip=5.0, score_scaling="std",
-                    score_clip=5.0, max_grad_norm=1.0, vf_coef=0.1, adv_coeff=10.0, num_mini_batches=1),
-    # APA (Zhu et al. 2023): (ℓ − ℓ_init − 10·A)², no KL in the reward, score scaled by the running
-    # std and clipped at ±100, value loss ½ MSE (no clip), GAE γ=1 λ=0.95.
-    "apa": dict(kl_coef=0.0, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-                cliprange_value=None, whiten_advantages=True, adv_clip=None, score_scaling="std",
-                score_clip=100.0, max_grad_norm=1.0, vf_coef=0.1, adv_coeff=10.0, num_mini_batches=1),
+    # TRL-style PPO: Hugging Face TRL's PPOConfig (trl/trainer/ppo_config.py; "0.x" marks the PPOConfig of
+    # TRL <= 0.11, the one Padula & Soemers' fork extends) and its PPOTrainer (trl/trainer/ppo_trainer.py).
+    "ppo": dict(
+        kl_coef=0.05,              # PPOConfig kl_coef=0.05, fixed (0.x: adaptive, init_kl_coef=0.2 target 6)
+        kl_in="reward",            # ppo_trainer.py: rewards = -kl_coef * kl per token, + score on the last
+        kl_estimator="k1",         # PPOConfig kl_estimator="k1" (0.x: kl_penalty="kl", logprob - ref_logprob)
+        gamma=1.0, lam=0.95,       # PPOConfig gamma=1.0, lam=0.95
+        cliprange=0.2,             # PPOConfig cliprange=0.2
+        cliprange_value=0.2,       # PPOConfig cliprange_value=0.2
+        vf_coef=0.1,               # PPOConfig vf_coef=0.1
+        whiten_advantages=True,    # ppo_trainer.py masked_whiten(advantages, ~padding_mask): the whole batch
+        adv_clip=None,             # TRL clips no advantage
+        score_scaling="none",      # 0.x PPOConfig use_score_scaling=False (the current PPOConfig has none)
+        score_clip=None,           # 0.x PPOConfig score_clip=None
+        max_grad_norm=None,        # 0.x PPOConfig max_grad_norm=None
+        num_mini_batches=1,        # OnPolicyConfig num_mini_batches=1 (trl/trainer/utils.py)
+        # Differs from TRL (num_ppo_epochs=4; 0.x ppo_epochs=4): 2 keeps `fastrlhf train` with no flags, the
+        # documented quickstart (README, "Quickstart"), at its measured result.
+        ppo_epochs=2,
+        adv_coeff=10.0,            # APA's 1/λ (as in "apa"); PPO does not read it
+    ),
+    # PPO-max (Secrets of RLHF I) as the released MOSS-RLHF English run: train_ppo_en.sh (read here as
+    # run_en.sh @ d906d64, the same flags) + config_ppo.py defaults + accelerate_config.yaml, as
+    # ppo/ppo_trainer.py and ppo/ppo_datahelper.py use them. Paper App.
+    # B.1 recommends not mixing reward scaling + value clip with reward/advantage normalize-and-clip: this
+    # is the scaling + value-clip configuration, nothing clipped or normalized besides.
+    "ppo-max": dict(
+        kl_coef=0.01,              # train_ppo_en.sh --kl_penalty_weight 0.01 (config_ppo.py default 0.02; §5.3.2: 0.05)
+        kl_in="reward",            # ppo_trainer.py make_experiences: kl_penalty on every token, + score on the last
+        kl_estimator="k1",         # -kl_penalty_weight * (logprobs - ref_logprobs)
+        gamma=1.0, lam=0.95,       # train_ppo_en.sh --gamma 1. --lam 0.95
+        cliprange=0.2,             # --pg_clip 0.2 --use_policy_loss_clip
+        cliprange_value=0.2,       # --value_clip 0.2 --use_critic_loss_clip
+        vf_coef=1.0,               # config_ppo.py --vf_loss_weight default 1. (not set by the script)
+        # No --use_advantage_norm in train_ppo_en.sh: advantages are not whitened (with it, ppo_trainer.py
+        # whitens each training batch, masked; fastrlhf's --whiten_advantages whitens the rollout).
+        whiten_advantages=False,
+        adv_clip=None,             # no --use_advantage_clip (config_ppo.py advantage_clip=0.5 is then unused)
+        score_scaling="std",       # --use_reward_scaling without --use_reward_norm: rewards /= running.std
+        score_clip=None,           # no --use_reward_clip (and --reward_clip 0.)
+        max_grad_norm=1.0,         # accelerate_config.yaml deepspeed gradient_clipping: 1.0, over policy + critic
+        num_mini_batches=1,        # --num_rollouts 2 = --batch_size 2: one optimizer step per rollout
+        ppo_epochs=1,              # PPOTrainer.train iterates the replay buffer once, then clears it
+        adv_coeff=10.0,            # APA's 1/λ (as in "apa"); PPO does not read it
+    ),
+    # APA as the official code: microsoft/RLHF-APA examples/apa_hh.py (its SPPOConfig; the same settings are
+    # in examples/sppo_hh.py @ 1cd4c13, read here), trlx/models/modeling_sppo.py,
+    # trlx/trainer/accelerate_sppo_trainer.py, trlx/trainer/accelerate_base_trainer.py.
+    "apa": dict(
+        kl_coef=0.0,               # accelerate_sppo_trainer.py: rewards = kl_penalty * 0 (init_kl_coef 0.05 unused)
+        kl_in="reward",
+        kl_estimator="k1",         # kl_penalty = kl_ctl.value * -log_ratio (multiplied by 0 above)
+        gamma=1.0, lam=0.95,       # apa_hh.py gamma=1, lam=0.95
+        cliprange=0.2,             # not read by APA (apa_hh.py cliprange=100 enters only a logged PPO loss)
+        cliprange_value=None,      # modeling_sppo.py loss: values_clipped commented out, 0.5 * MSE
+        vf_coef=1.0,               # apa_hh.py vf_coef=1
+        # modeling_sppo.py get_advantages_and_returns: whiten(advantages), unmasked, per training batch of 8;
+        # fastrlhf whitens the rollout, masked (README, "Advantages and rewards")
+        whiten_advantages=True,
+        adv_clip=None,             # no advantage clip
+        score_scaling="std",       # apa_hh.py scale_reward="running": scores /= running_moments.std
+        score_clip=100.0,          # apa_hh.py cliprange_reward=100
+        max_grad_norm=None,        # accelerate_base_trainer.py learn: backward, opt.step(), no clipping
+        # apa_hh.py 125M: num_rollouts=128 / batch_size=8 = 16 mini-batches; that needs per_device_batch_size
+        # 8, which no preset sets: fastrlhf/recipes/apa-paper.yaml has both
+        num_mini_batches=1,
+        ppo_epochs=2,              # apa_hh.py ppo_epochs=2 (two consecutive steps per mini-batch there)
+        adv_coeff=10.0,            # apa_hh.py ADV_COEFF_SQ = 10 (the paper's 1/λ)
+    ),
 }
 
 
@@ -55,13 +111,14 @@ def _f(default, help, choices=None, preset=False, flag=True):
 class TrainConfig:
     # --- run ---
     algo: str = _f("ppo", "RL algorithm", ALGOS)
-    task: Optional[str] = _f(None, "prompt source: arithmetic | sentiment | file (None: 'file' when "
-                                   "--prompts is given, else 'arithmetic')", TASKS + (None,))
+    task: Optional[str] = _f(None, "prompt source: arithmetic | padula-arithmetic (Padula & Soemers' chains) | "
+                                   "sentiment | file (None: 'file' when --prompts is given, else 'arithmetic')",
+                             TASKS + (None,))
     prompts: Optional[str] = _f(None, "prompt file, text (one per line) or .jsonl ('prompt' or 'text' key); "
                                       "for task sentiment it replaces the built-in list")
     digits: int = _f(1, "arithmetic task: operands have 1..digits digits")
     operators: str = _f("+", "arithmetic task: operators to draw from (any of + - *)")
-    reward: Optional[str] = _f(None, "arithmetic | vader | path/file.py:fn | module:fn, called as "
+    reward: Optional[str] = _f(None, "arithmetic | padula-arithmetic | vader | path/file.py:fn | module:fn, called as "
                                      "fn(prompts, responses) -> floats (None: the task's own reward)")
     partial_credit: bool = _f(False, "arithmetic reward: < 0.5 credit for matching digits of a wrong answer")
     reward_model: Optional[str] = _f(None, "Hugging Face sequence-classification model scoring prompt+response")
@@ -85,7 +142,7 @@ class TrainConfig:
     num_mini_batches: Optional[int] = _f(None, "optimizer steps per epoch; rollout batch = "
                                                "per_device_batch_size x gradient_accumulation_steps x this",
                                          preset=True)
-    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    ppo_epochs: Optional[int] = _f(None, "passes over each rollout batch", preset=True)
     max_prompt_length: int = _f(128, "prompts are left-truncated to this many tokens")
     max_new_tokens: int = _f(4, "response length limit")
     temperature: float = _f(1.0, "sampling temperature (log-probs use the same one)")
@@ -151,7 +208,8 @@ class TrainConfig:
         if cfg.task is None:
             cfg.task = "file" if cfg.prompts else "arithmetic"
         if cfg.reward is None and cfg.reward_model is None:
-            cfg.reward = {"arithmetic": "arithmetic", "sentiment": "vader"}.get(cfg.task)
+            cfg.reward = {"arithmetic": "arithmetic", "padula-arithmetic": "padula-arithmetic",
+                          "sentiment": "vader"}.get(cfg.task)
         if cfg.critic_learning_rate is None:
             cfg.critic_learning_rate = cfg.learning_rate
         if cfg.sft_steps is None:
@@ -208,6 +266,9 @@ def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                 description="PPO / PPO-max / APA on a Hugging Face causal LM. No flags: "
                                             "the built-in tiny Llama on single-digit addition.")
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help="a built-in YAML file of flag values (fastrlhf/recipes/NAME.yaml; --config and flags "
+                        "override it); 'list' prints the recipes")
     p.add_argument("--config", default=None, help="YAML file of flag values (flags given here override it)")
     for cls, title in ((TrainConfig, "training"), (ModelConfig, "model (fastrlhf.models)")):
         group = p.add_argument_group(title)
@@ -264,26 +325,61 @@ def _check_types(values: dict, source: str):
                              f"got {v!r}")
 
 
-def load_yaml(path) -> dict:
+def _yaml_values(text: str, source: str) -> dict:
     import yaml
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of option: value, got {type(data).__name__}")
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    _split(values, source)
+    _check_types(values, source)
+    return values
+
+
+def load_yaml(path) -> dict:
+    """The option: value mapping of a `--config` file, checked against the flags."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config: expected an existing YAML file, got {str(path)!r}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config: expected a mapping of option: value in {path}, got {type(data).__name__}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return _yaml_values(path.read_text(), f"config {path}")
+
+
+def recipes() -> dict:
+    """{name: first comment line} of the recipes shipped in the package (fastrlhf/recipes/NAME.yaml)."""
+    from importlib import resources
+
+    out = {}
+    for f in sorted(resources.files("fastrlhf").joinpath("recipes").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            first = next((ln for ln in f.read_text().splitlines() if ln.startswith("#")), "#")
+            out[f.name[:-len(".yaml")]] = first.lstrip("#").strip()
+    return out
+
+
+def load_recipe(name: str) -> dict:
+    """The option: value mapping of the built-in recipe `name`, checked against the flags."""
+    from importlib import resources
+
+    names = recipes()
+    if name not in names:
+        raise ValueError(f"recipe: expected one of {tuple(names)} (or 'list'), got {name!r}")
+    text = resources.files("fastrlhf").joinpath(f"recipes/{name}.yaml").read_text()
+    return _yaml_values(text, f"recipe {name}")
 
 
 def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
-    """Flags (+ optional YAML) -> a resolved, validated TrainConfig. Raises ValueError (argparse
-    errors exit with status 2 and a usage message)."""
+    """Flags (+ optional recipe and YAML) -> a resolved, validated TrainConfig. Raises ValueError
+    (argparse errors exit with status 2 and a usage message; `--recipe list` prints the recipes and
+    exits with status 0)."""
     ns = vars(build_parser(prog).parse_args(argv))
+    recipe = ns.pop("recipe", None)
     yaml_path = ns.pop("config", None)
-    values = load_yaml(yaml_path) if yaml_path else {}
-    if values:
-        _split(values, f"config {yaml_path}")
-        _check_types(values, f"config {yaml_path}")
+    if recipe == "list":
+        for name, line in recipes().items():
+            print(f"{name:<20} {line}")
+        raise SystemExit(0)
+    values = load_recipe(recipe) if recipe else {}
+    values.update(load_yaml(yaml_path) if yaml_path else {})
     values.update(ns)
     train_kw, model_kw = _split(values, "options")
     cfg = TrainConfig(model=ModelConfig(**model_kw), **train_kw).resolved(explicit=set(values))
@@ -298,7 +394,7 @@ def _choice(name, value, allowed):
 
 def validate(cfg: TrainConfig):
     """Every check that needs no model: values, ranges, and combinations."""
-    for name in ("num_mini_batches", "vf_coef", "gamma", "lam", "whiten_advantages", "score_scaling", "cliprange",
+    for name in ("num_mini_batches", "ppo_epochs", "vf_coef", "gamma", "lam", "whiten_advantages", "score_scaling", "cliprange",
                  "adv_coeff", "kl_coef", "kl_estimator", "kl_in"):
         if getattr(cfg, name) is None:
             raise ValueError(f"{name}: expected a value (it has no 'off' setting), got None")
@@ -355,8 +451,8 @@ def validate(cfg: TrainConfig):
     # combinations
     if cfg.prompts and not Path(cfg.prompts).is_file():
         raise ValueError(f"prompts: expected an existing file, got {cfg.prompts!r}")
-    if cfg.prompts and cfg.task == "arithmetic":
-        raise ValueError("prompts: the arithmetic task generates its prompts; use --task file or sentiment")
+    if cfg.prompts and cfg.task in ("arithmetic", "padula-arithmetic"):
+        raise ValueError(f"prompts: task {cfg.task!r} generates its prompts; use --task file or sentiment")
     if cfg.task == "file" and not cfg.prompts:
         raise ValueError("prompts: --task file needs --prompts FILE")
     if cfg.reward and cfg.reward_model:
@@ -366,15 +462,22 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"reward: task {cfg.task!r} has no built-in reward; give --reward or --reward_model")
     if cfg.reward == "arithmetic" and cfg.task != "arithmetic":
         raise ValueError(f"reward: 'arithmetic' scores arithmetic prompts only, got --task {cfg.task!r}")
-    if cfg.reward and cfg.reward not in ("arithmetic", "vader") and ":" not in cfg.reward:
-        raise ValueError(f"reward: expected arithmetic, vader, path/file.py:fn or module:fn, got {cfg.reward!r}")
+    if cfg.reward == "padula-arithmetic" and cfg.task not in ("padula-arithmetic", "file"):
+        raise ValueError(f"reward: 'padula-arithmetic' scores chain prompts (--task padula-arithmetic, or a "
+                         f"--prompts file of them), got --task {cfg.task!r}")
+    if cfg.reward and cfg.reward not in BUILTIN_REWARDS and ":" not in cfg.reward:
+        raise ValueError(f"reward: expected one of {BUILTIN_REWARDS}, path/file.py:fn or module:fn, "
+                         f"got {cfg.reward!r}")
     if cfg.reward and cfg.reward.split(":")[0].endswith(".py") and not Path(cfg.reward.rsplit(":", 1)[0]).is_file():
         raise ValueError(f"reward: expected an existing Python file, got {cfg.reward.rsplit(':', 1)[0]!r}")
     if cfg.reward_model and not Path(cfg.reward_model).exists():
         raise ValueError(f"reward_model: expected a local model directory, got {cfg.reward_model!r}")
-    if cfg.task == "arithmetic":
-        from .tasks import ArithmeticTask
-        ArithmeticTask(digits=cfg.digits, operators=cfg.operators)
+    if cfg.task in ("arithmetic", "padula-arithmetic"):
+        make_task(cfg.task, digits=cfg.digits, operators=cfg.operators)
+    if cfg.model.model_name_or_path is None and cfg.model.builtin_model in PADULA_SIZES \
+            and cfg.task not in ("padula-arithmetic", "file"):
+        raise ValueError(f"builtin_model: {cfg.model.builtin_model!r} has the WordTokenizer (numbers 0..99, "
+                         f"+ * =), for --task padula-arithmetic or a --prompts file of chains, got --task {cfg.task!r}")
     if cfg.resume:
         from .checkpoint import latest
         if cfg.resume == "latest" and latest(cfg.output_dir) is None:

@@ -1,7 +1,7 @@
 """How models are loaded.
 
-`load(cfg, device) -> Bundle` loads any Hugging Face causal LM by name or path (or the built-in tiny
-Llama when `model_name_or_path` is None) through one path: dtype, attention implementation, optional
+`load(cfg, device) -> Bundle` loads any Hugging Face causal LM by name or path (or the built-in model
+`builtin_model` when `model_name_or_path` is None) through one path: dtype, attention implementation, optional
 bitsandbytes 4/8-bit base, optional LoRA (peft), the value head (on the policy's trunk or on a separate
 critic), and the reference policy, with as few copies of the weights as the options allow:
 
@@ -36,12 +36,16 @@ from torch import nn
 
 from .memory import set_memory_cap
 from .sequences import position_ids
-from .tokenizer import CharTokenizer, load_tokenizer
+from .tokenizer import CharTokenizer, WordTokenizer, load_tokenizer
 
 log = logging.getLogger("fastrlhf")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+# The built-in models (model_name_or_path=None): fastrlhf's tiny Llama with the CharTokenizer, or Padula &
+# Soemers' GPT-2 with the WordTokenizer (fastrlhf.padula.gpt2_config) at fastrlhf's CPU size or the paper's.
+BUILTIN_MODELS = ("tiny-llama", "padula-gpt2-cpu", "padula-gpt2")
+PADULA_SIZES = {"padula-gpt2-cpu": "cpu", "padula-gpt2": "paper"}  # builtin_model -> padula.GPT2_SIZES key
 
 
 def _f(default, help):
@@ -54,10 +58,14 @@ class ModelConfig:
     """Model-loading options; each field is also a `fastrlhf train` flag `--<field>` (fastrlhf.config),
     documented by its help."""
 
-    # None: the tiny Llama is built from `tiny_seed`, saved to a temporary directory and loaded back through
-    # the same path as any checkpoint.
+    # None: the built-in model `builtin_model` is built from `tiny_seed`, saved to a temporary directory and
+    # loaded back through the same path as any checkpoint.
     model_name_or_path: Optional[str] = _f(None, "Hugging Face name or local path of a causal LM (None: the "
-                                                 "built-in tiny Llama with the character tokenizer)")
+                                                 "built-in model, --builtin_model)")
+    builtin_model: str = _f("tiny-llama", "the model when --model_name_or_path is not given: tiny-llama "
+                                          "(character tokenizer, --tiny_* sizes) | padula-gpt2-cpu (Padula & "
+                                          "Soemers' GPT-2 at 0.42M parameters) | padula-gpt2 (their GPT-2 "
+                                          "small, 86M), both with their word tokenizer")
     # Applies to the non-quantized weights.
     dtype: str = _f("auto", "weights dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
     # auto: flash_attention_2 when flash_attn imports and the device is CUDA with a 16-bit dtype, else sdpa.
@@ -84,14 +92,14 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     # A torch per-process memory fraction (fastrlhf.memory.set_memory_cap).
     max_memory_gb: Optional[float] = _f(None, "cap this process's GPU memory (GiB)")
-    # The built-in tiny Llama (model_name_or_path=None), sized so the default training job runs in about a
-    # minute on 2 CPU cores: 0.68M parameters (vocab 100 = CharTokenizer).
+    # The built-in tiny Llama (builtin_model tiny-llama), sized so the default training job runs in about a
+    # minute on 2 CPU cores: 0.68M parameters (vocab 100 = CharTokenizer). tiny_seed seeds every built-in model.
     tiny_hidden_size: int = _f(128, "built-in model: hidden size")
     tiny_num_layers: int = _f(4, "built-in model: layers")
     tiny_num_heads: int = _f(4, "built-in model: attention heads")
     tiny_intermediate_size: int = _f(256, "built-in model: MLP size")
     tiny_max_positions: int = _f(512, "built-in model: max positions")
-    tiny_seed: int = _f(0, "built-in model: init seed")
+    tiny_seed: int = _f(0, "built-in model (any --builtin_model): init seed")
 
 
 @dataclass
@@ -164,10 +172,26 @@ def tiny_config(cfg: ModelConfig, tokenizer: CharTokenizer):
     )
 
 
+def builtin_tokenizer(cfg: ModelConfig):
+    """The tokenizer of the built-in model `cfg.builtin_model`: the WordTokenizer for Padula & Soemers'
+    GPT-2, else the CharTokenizer."""
+    return WordTokenizer() if cfg.builtin_model in PADULA_SIZES else CharTokenizer()
+
+
+def builtin_config(cfg: ModelConfig, tokenizer):
+    """The transformers config of the built-in model `cfg.builtin_model` (vocab from `tokenizer`). Padula &
+    Soemers' GPT-2 has dropout 0.0: their PPO runs every forward in eval mode (fastrlhf.padula.gpt2_config)."""
+    if cfg.builtin_model in PADULA_SIZES:
+        from .padula import gpt2_config
+
+        return gpt2_config(tokenizer, PADULA_SIZES[cfg.builtin_model], dropout=0.0)
+    return tiny_config(cfg, tokenizer)
+
+
 def _hf_config(name_or_path: Optional[str], cfg: ModelConfig):
     """The architecture config (config.json only; no weights)."""
     if name_or_path is None:
-        return tiny_config(cfg, CharTokenizer())
+        return builtin_config(cfg, builtin_tokenizer(cfg))
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(name_or_path)
@@ -212,6 +236,8 @@ def _check_lora_targets(targets, names: list[str], what: str) -> None:
 
 def validate(cfg: ModelConfig) -> None:
     """Raise ValueError for a bad combination of options, before any weight is loaded or created."""
+    if cfg.builtin_model not in BUILTIN_MODELS:
+        raise ValueError(f"builtin_model: expected one of {BUILTIN_MODELS}, got {cfg.builtin_model!r}")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     if cfg.bnb_4bit_compute_dtype != "auto" and cfg.bnb_4bit_compute_dtype not in DTYPES:
@@ -244,7 +270,7 @@ def validate(cfg: ModelConfig) -> None:
         if not 0.0 <= cfg.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout: expected in [0, 1), got {cfg.lora_dropout}")
         targets = _target_list(cfg.lora_target_modules)
-        name = cfg.model_name_or_path or "the built-in tiny model"
+        name = cfg.model_name_or_path or f"the built-in model {cfg.builtin_model}"
         _check_lora_targets(targets, linear_module_names(_hf_config(cfg.model_name_or_path, cfg)), name)
         if cfg.critic_model_name_or_path is not None:
             critic_cfg = _hf_config(cfg.critic_model_name_or_path, cfg)
@@ -328,18 +354,19 @@ def _prepare_trainable(model: nn.Module, cfg: ModelConfig, task_type: Optional[s
 
 @contextlib.contextmanager
 def _checkpoint_path(cfg: ModelConfig, tokenizer):
-    """The checkpoint to load from: the given name/path, or the tiny model saved to a temporary directory
-    (built with `tiny_seed`, so every load of the default model has the same weights)."""
+    """The checkpoint to load from: the given name/path, or the built-in model `builtin_model` saved to a
+    temporary directory (built with `tiny_seed`, so every load of a built-in model has the same weights)."""
     if cfg.model_name_or_path is not None:
         yield cfg.model_name_or_path
         return
-    from transformers import LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+    arch = GPT2LMHeadModel if cfg.builtin_model in PADULA_SIZES else LlamaForCausalLM
     with tempfile.TemporaryDirectory(prefix="fastrlhf-tiny-") as tmp:
         rng_state = torch.random.get_rng_state()
         torch.manual_seed(cfg.tiny_seed)
         try:
-            LlamaForCausalLM(tiny_config(cfg, tokenizer)).save_pretrained(tmp)
+            arch(builtin_config(cfg, tokenizer)).save_pretrained(tmp)
         finally:
             torch.random.set_rng_state(rng_state)
         tokenizer.save_pretrained(tmp)
@@ -386,7 +413,7 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
     dtype = resolve_dtype(cfg, device)
     attn = resolve_attn_implementation(cfg, device, dtype)
     bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = builtin_tokenizer(cfg) if cfg.model_name_or_path is None else load_tokenizer(cfg.model_name_or_path)
     from transformers import AutoModel, AutoModelForCausalLM
 
     with _checkpoint_path(cfg, tokenizer) as path:

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from fastrlhf import config, models, train
-from fastrlhf.config import PRESETS, TrainConfig, build_parser, parse_args
+from fastrlhf.config import ALGOS, PRESETS, TrainConfig, build_parser, parse_args
 
 
 def test_defaults_are_the_builtin_arithmetic_job():
@@ -23,11 +23,132 @@ def test_presets_apply_and_flags_override_them(algo):
     assert (cfg.kl_coef, cfg.score_clip, cfg.cliprange_value) == (0.3, None, 0.5)
 
 
-def test_preset_values_from_their_sources():
-    assert PRESETS["apa"]["adv_coeff"] == 10.0 and PRESETS["apa"]["kl_coef"] == 0.0
-    assert PRESETS["apa"]["score_clip"] == 100.0 and PRESETS["apa"]["cliprange_value"] is None
-    assert PRESETS["ppo-max"]["max_grad_norm"] == 1.0 and PRESETS["ppo-max"]["score_scaling"] == "std"
-    assert all(PRESETS[a]["gamma"] == 1.0 and PRESETS[a]["lam"] == 0.95 for a in PRESETS)
+# Each preset as its source's code sets it, written out here (not read back from PRESETS); the sources are
+# cited next to each value in fastrlhf/config.py.
+SOURCED = {
+    # TRL PPOConfig / PPOTrainer, but ppo_epochs 2 (TRL: 4), kept for the default job
+    "ppo": dict(kl_coef=0.05, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
+                cliprange_value=0.2, vf_coef=0.1, whiten_advantages=True, adv_clip=None, score_scaling="none",
+                score_clip=None, max_grad_norm=None, num_mini_batches=1, ppo_epochs=2, adv_coeff=10.0),
+    # MOSS-RLHF train_ppo_en.sh + config_ppo.py + accelerate_config.yaml
+    "ppo-max": dict(kl_coef=0.01, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
+                    cliprange_value=0.2, vf_coef=1.0, whiten_advantages=False, adv_clip=None, score_scaling="std",
+                    score_clip=None, max_grad_norm=1.0, num_mini_batches=1, ppo_epochs=1, adv_coeff=10.0),
+    # RLHF-APA apa_hh.py + modeling_sppo.py + accelerate_sppo_trainer.py + accelerate_base_trainer.py
+    "apa": dict(kl_coef=0.0, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
+                cliprange_value=None, vf_coef=1.0, whiten_advantages=True, adv_clip=None, score_scaling="std",
+                score_clip=100.0, max_grad_norm=None, num_mini_batches=1, ppo_epochs=2, adv_coeff=10.0),
+}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_preset_values_from_their_sources(algo):
+    assert PRESETS[algo] == SOURCED[algo]
+    cfg = parse_args(["--algo", algo])
+    assert {k: getattr(cfg, k) for k in SOURCED[algo]} == SOURCED[algo]
+
+
+def test_default_job_settings_unchanged():
+    """`fastrlhf train` with no flags is the documented quickstart: these are its settings before the presets
+    were sourced (ppo_epochs was a plain default of 2)."""
+    cfg = parse_args([])
+    assert (cfg.ppo_epochs, cfg.kl_coef, cfg.vf_coef, cfg.max_grad_norm, cfg.whiten_advantages, cfg.sft_steps,
+            cfg.num_mini_batches, cfg.model.builtin_model) == (2, 0.05, 0.1, None, True, 250, 1, "tiny-llama")
+
+
+# ---------------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------------
+
+def test_precedence_preset_recipe_config_flag(tmp_path):
+    """dataclass defaults < --algo preset < --recipe < --config < flags, each shown to win over the one before."""
+    # apa-paper sets vf_coef 1, max_new_tokens 128 and learning_rate 1e-6; the apa preset has kl_coef 0
+    cfg = parse_args(["--recipe", "apa-paper"])
+    assert cfg.max_new_tokens == 128 and cfg.kl_coef == 0.0          # recipe > default, preset > default
+    f = tmp_path / "c.yaml"
+    f.write_text("algo: ppo-max\nmax_new_tokens: 7\nlearning_rate: 2.0e-5\n")
+    cfg = parse_args(["--recipe", "padula-sentiment", "--config", str(f), "--learning_rate", "3e-5"])
+    assert cfg.algo == "ppo-max"                                      # config > recipe (algo: ppo)
+    assert cfg.kl_coef == 0.0 and PRESETS["ppo-max"]["kl_coef"] != 0.0  # recipe > preset of the config's algo
+    assert cfg.ppo_epochs == 4 and PRESETS["ppo-max"]["ppo_epochs"] == 1  # recipe > preset
+    assert cfg.max_new_tokens == 7                                    # config > recipe (15)
+    assert cfg.learning_rate == 3e-5                                  # flag > config > recipe
+    assert parse_args(["--recipe", "padula-sentiment", "--ppo_epochs", "3"]).ppo_epochs == 3   # flag > recipe
+    cfg = parse_args(["--algo", "ppo-max", "--recipe", "apa-paper"])  # the recipe's algo beats --algo's preset
+    assert cfg.algo == "ppo-max" and cfg.vf_coef == 1.0 and cfg.score_clip == 100.0
+
+
+def test_recipe_list_prints_names_and_first_comment(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--recipe", "list"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert set(lines) == {"padula-arithmetic", "padula-sentiment", "apa-paper", "ppo-max-paper"}
+    assert lines["apa-paper"].startswith("APA (Zhu et al. 2023") and not lines["apa-paper"].startswith("#")
+
+
+def test_unknown_recipe_names_the_available_ones():
+    with pytest.raises(ValueError, match=r"recipe: expected one of .*apa-paper.*ppo-max-paper.*got 'ppo-maxx'"):
+        parse_args(["--recipe", "ppo-maxx"])
+
+
+@pytest.mark.parametrize("name", ["padula-arithmetic", "padula-sentiment", "apa-paper", "ppo-max-paper"])
+def test_every_shipped_recipe_parses_and_validates(name, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(models, "load", boom)
+    cfg = parse_args(["--recipe", name, "--max_steps", "2"])
+    values = config.load_recipe(name)
+    for k, v in values.items():                                       # every key lands in the config
+        got = getattr(cfg.model, k) if hasattr(cfg.model, k) else getattr(cfg, k)
+        if k != "max_steps":
+            assert got == v, (name, k)
+    assert cfg.max_steps == 2
+
+
+def test_recipes_record_their_sources_values():
+    """The values each recipe takes from its paper's code (cited in the YAML)."""
+    apa = config.load_recipe("apa-paper")
+    assert {k: apa[k] for k in ("per_device_batch_size", "num_mini_batches", "ppo_epochs", "learning_rate",
+                                "vf_coef", "max_grad_norm", "score_clip", "max_new_tokens", "top_k")} \
+        == dict(per_device_batch_size=8, num_mini_batches=16, ppo_epochs=2, learning_rate=1e-6, vf_coef=1.0,
+                max_grad_norm=None, score_clip=100.0, max_new_tokens=128, top_k=50)
+    pm = config.load_recipe("ppo-max-paper")
+    assert {k: pm[k] for k in ("kl_coef", "learning_rate", "critic_learning_rate", "max_new_tokens", "ppo_epochs",
+                               "whiten_advantages", "score_clip", "adv_clip", "temperature", "top_p")} \
+        == dict(kl_coef=0.01, learning_rate=5e-7, critic_learning_rate=1.5e-6, max_new_tokens=512, ppo_epochs=1,
+                whiten_advantages=False, score_clip=None, adv_clip=None, temperature=0.8, top_p=0.9)
+    ps = config.load_recipe("padula-sentiment")
+    assert {k: ps[k] for k in ("task", "reward", "per_device_batch_size", "learning_rate", "kl_coef", "ppo_epochs",
+                               "max_new_tokens")} \
+        == dict(task="sentiment", reward="vader", per_device_batch_size=256, learning_rate=1.41e-5, kl_coef=0.0,
+                ppo_epochs=4, max_new_tokens=15)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the padula-arithmetic task and built-in model
+# ---------------------------------------------------------------------------------------------------
+
+def test_padula_task_resolves_its_reward_and_no_warm_start():
+    cfg = parse_args(["--task", "padula-arithmetic"])
+    assert cfg.reward == "padula-arithmetic" and cfg.sft_steps == 0
+    cfg = parse_args(["--recipe", "padula-arithmetic", "--max_steps", "2", "--per_device_batch_size", "8"])
+    assert (cfg.task, cfg.reward, cfg.model.builtin_model, cfg.sft_steps, cfg.max_steps) == \
+        ("padula-arithmetic", "padula-arithmetic", "padula-gpt2-cpu", 0, 2)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--task", "padula-arithmetic", "--sft_steps", "3"], "warm-start"),
+    (["--task", "padula-arithmetic", "--digits", "2"], "digits"),
+    (["--task", "sentiment", "--reward", "padula-arithmetic"], "chain prompts"),
+    (["--task", "sentiment", "--builtin_model", "padula-gpt2-cpu"], "WordTokenizer"),
+    (["--builtin_model", "gpt2-xl"], "builtin_model: expected one of"),
+    (["--reward", "vaders"], r"reward: expected one of \('arithmetic', 'padula-arithmetic', 'vader'\)"),
+])
+def test_padula_wiring_errors(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
 
 
 def test_yaml_then_flags(tmp_path):

@@ -62,6 +62,30 @@ def test_default_model_full_finetune_has_frozen_reference():
         assert torch.equal(p, q), n
 
 
+def test_builtin_padula_gpt2_has_the_word_tokenizer_vocab():
+    """builtin_model padula-gpt2-cpu: Padula & Soemers' GPT-2 (fastrlhf.padula.gpt2_config, "cpu") with the
+    WordTokenizer, vocab len(tokenizer) + 3, seeded by tiny_seed, dropout 0 (their PPO runs in eval mode)."""
+    from transformers import GPT2LMHeadModel
+
+    from fastrlhf.tokenizer import WordTokenizer
+
+    b = load(ModelConfig(builtin_model="padula-gpt2-cpu"), "cpu")
+    assert isinstance(b.tokenizer, WordTokenizer) and isinstance(b.policy, GPT2LMHeadModel)
+    c = b.policy.config
+    assert c.vocab_size == len(b.tokenizer) + 3 == 109 and (c.n_embd, c.n_layer, c.n_positions) == (128, 2, 64)
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (103, 104, 105) and c.resid_pdrop == 0.0
+    assert sum(p.numel() for p in b.policy.parameters()) == 418_944
+    enc = b.tokenizer(["3 + 10 + 7 = 13 + 7 ="])
+    with torch.no_grad(), b.reference() as ref:
+        assert torch.equal(seq_logprobs(ref, enc), seq_logprobs(b.policy, enc))
+    again = load(ModelConfig(builtin_model="padula-gpt2-cpu"), "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(b.policy.parameters(), again.policy.parameters()))
+    other = load(ModelConfig(builtin_model="padula-gpt2-cpu", tiny_seed=1), "cpu")
+    assert not torch.equal(b.policy.transformer.wte.weight, other.policy.transformer.wte.weight)
+    with pytest.raises(ValueError, match="builtin_model: expected one of"):
+        load(ModelConfig(builtin_model="gpt2"), "cpu")
+
+
 @pytest.mark.parametrize("quant", [None, "4bit", "8bit"])
 def test_lora_reference_kl_zero_then_moves(quant):
     cfg = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8, load_in_4bit=quant == "4bit",

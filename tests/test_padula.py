@@ -232,8 +232,7 @@ def test_recipe_uses_existing_flags_with_the_sourced_values():
 @pytest.mark.slow
 def test_recipe_trains_the_gpt2_policy_through_fastrlhf_train(tmp_path):
     """The recipe's flags, a saved "cpu" GPT-2 + WordTokenizer checkpoint and the reward, run by
-    `fastrlhf train` through `--task file` and `--reward module:fn` (the two names config.py does not
-    know yet): one token per answer, rewards in (0, 1]."""
+    `fastrlhf train` through `--task file` and `--reward module:fn`: one token per answer, rewards in (0, 1]."""
     from transformers import GPT2LMHeadModel
 
     from fastrlhf import metrics, train
@@ -250,5 +249,19 @@ def test_recipe_trains_the_gpt2_policy_through_fastrlhf_train(tmp_path):
             "--ppo_epochs", "1", "--eval_samples", "8", "--batch_entropy_coef", "0.3"]
     assert train.main(argv) == 0
     recs = metrics.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["response_len"] == 1.0 and 0.0 < r["reward_mean"] <= 1.0 for r in recs)
+
+
+def test_recipe_by_name_trains_the_builtin_gpt2(tmp_path):
+    """`fastrlhf train --recipe padula-arithmetic`: the built-in padula-gpt2-cpu model and WordTokenizer, the
+    chain task and its reward, no warm start; one token per answer, rewards in (0, 1]."""
+    from fastrlhf import metrics, train
+
+    out = tmp_path / "run"
+    argv = ["--recipe", "padula-arithmetic", "--max_steps", "2", "--per_device_batch_size", "8",
+            "--eval_samples", "4", "--output_dir", str(out)]
+    assert train.main(argv) == 0
+    recs = metrics.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
     assert all(r["response_len"] == 1.0 and 0.0 < r["reward_mean"] <= 1.0 for r in recs)
