@@ -492,8 +492,9 @@ def validate(cfg: TrainConfig):
         raise ValueError("dual_clip: APA has no ratio to clip; drop --dual_clip or use --algo ppo/ppo-max")
     if cfg.adaptive_kl and cfg.kl_coef == 0:
         raise ValueError("adaptive_kl: needs --kl_coef > 0 to adapt (β = 0 stays 0)")
-    if cfg.sft_steps and cfg.task != "arithmetic":
-        raise ValueError(f"sft_steps: the built-in warm-start is for the arithmetic task, got --task {cfg.task!r}")
+    if cfg.sft_steps and cfg.task not in ("arithmetic", "padula-arithmetic"):
+        raise ValueError(f"sft_steps: the built-in warm-starts are for the arithmetic and padula-arithmetic tasks, "
+                         f"got --task {cfg.task!r}")
     if cfg.bf16 and cfg.device == "cuda" and cfg.model.dtype in ("float16", "fp16"):
         raise ValueError("bf16: autocast to bf16 with a float16 model; pass --no-bf16 or --dtype bfloat16")
     validate_model(cfg.model)

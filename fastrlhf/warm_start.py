@@ -1,6 +1,12 @@
-"""Supervised warm-start of the built-in arithmetic job (`--sft_steps`): next-token cross-entropy on
-the answers of fresh problems, some of them near misses, so that RL starts from a policy that is right
-part of the time; the reference is then reset to the warm-started policy (KL starts at 0)."""
+"""Supervised warm-start before RL (`--sft_steps`), per task; the reference is then reset to the
+warm-started policy (KL starts at 0).
+
+    arithmetic          next-token cross-entropy on the answers of fresh problems, some of them near misses,
+                        so that RL starts from a policy that is right part of the time (fastrlhf's own job)
+    padula-arithmetic   Padula & Soemers' SFT (their gpt_math.py; numbers in fastrlhf.padula): the loss on
+                        every token of fresh solved chains `[BOS] 3 + 10 + 7 = 13 + 7 = 20 [EOS]`, AdamW with
+                        weight decay 0.1 and a cosine schedule over the steps
+"""
 from __future__ import annotations
 
 import random
@@ -8,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import padula
 from .passes import nll
 from .sequences import encode_prompts, pad_rows
 from .tasks import solve
@@ -25,25 +32,45 @@ def sft_example(prompt: str, rng: random.Random, noise: float) -> str:
     return str(answer)
 
 
+def _answer_batch(run: Run, rng: random.Random):
+    """fastrlhf's arithmetic warm start: (seq, attn [B, P + n], P, target mask [B, n]) of prompts and answers."""
+    cfg, tok = run.cfg, run.bundle.tokenizer
+    prompts = run.job.task.sample(cfg.sft_batch_size, rng)
+    p_ids, p_attn = encode_prompts(tok, prompts, cfg.max_prompt_length, run.device)            # [B, P]
+    answers = [list(tok.encode(sft_example(p, rng, cfg.sft_noise), add_special_tokens=False)) + [tok.eos_token_id]
+               for p in prompts]
+    a_ids, a_mask = pad_rows(answers, tok.pad_token_id, side="right", device=run.device)      # [B, n]
+    return torch.cat([p_ids, a_ids], 1), torch.cat([p_attn, a_mask], 1), p_ids.shape[1], a_mask
+
+
+def _chain_batch(run: Run, rng: random.Random):
+    """Padula & Soemers' SFT rows (fastrlhf.padula.sft_batch: left-padded to their 64-token context): the
+    target is every token after the first, pads excluded (their DataCollatorForLanguageModeling labels)."""
+    rows = padula.sft_batch(run.bundle.tokenizer, padula.sft_examples(rng, run.cfg.sft_batch_size))
+    ids, attn = rows["input_ids"].to(run.device), rows["attention_mask"].to(run.device)
+    return ids, attn, 1, attn[:, 1:]
+
+
 def warm_start(run: Run):
-    """`sft_steps` steps of next-token cross-entropy on the answers of fresh arithmetic problems;
-    the reference policy is then set to the warm-started weights (KL starts at 0)."""
-    cfg, bundle, tok = run.cfg, run.bundle, run.bundle.tokenizer
+    """`sft_steps` optimizer steps of next-token cross-entropy on fresh batches of the task's supervised
+    examples (module docstring); the reference policy is then set to the warm-started weights."""
+    cfg, bundle = run.cfg, run.bundle
     rng = random.Random(cfg.seed + 3)
-    opt = torch.optim.AdamW(bundle.policy_parameters(), lr=cfg.sft_learning_rate)
+    chains = cfg.task == "padula-arithmetic"
+    opt = torch.optim.AdamW(bundle.policy_parameters(), lr=cfg.sft_learning_rate,
+                            weight_decay=padula.SFT_WEIGHT_DECAY if chains else 0.0)
+    # their Trainer's cosine schedule (no warmup) over the run's optimizer steps
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.sft_steps, eta_min=0.0) if chains else None
     bundle.policy.train()
     for _ in range(cfg.sft_steps):
-        prompts = run.job.task.sample(cfg.sft_batch_size, rng)
-        p_ids, p_attn = encode_prompts(tok, prompts, cfg.max_prompt_length, run.device)        # [B, P]
-        answers = [list(tok.encode(sft_example(p, rng, cfg.sft_noise), add_special_tokens=False)) + [tok.eos_token_id]
-                   for p in prompts]
-        a_ids, a_mask = pad_rows(answers, tok.pad_token_id, side="right", device=run.device)  # [B, n]
-        seq, attn = torch.cat([p_ids, a_ids], 1), torch.cat([p_attn, a_mask], 1)
+        seq, attn, start, target = (_chain_batch if chains else _answer_batch)(run, rng)
         with run.autocast():
-            loss = nll(bundle.policy, seq, attn, p_ids.shape[1], a_mask)
+            loss = nll(bundle.policy, seq, attn, start, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
     if not bundle.config.use_peft:
         with bundle.reference() as ref_model:
             ref_model.load_state_dict(bundle.policy.state_dict())

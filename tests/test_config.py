@@ -130,16 +130,17 @@ def test_recipes_record_their_sources_values():
 # the padula-arithmetic task and built-in model
 # ---------------------------------------------------------------------------------------------------
 
-def test_padula_task_resolves_its_reward_and_no_warm_start():
+def test_padula_task_resolves_its_reward_and_warm_start():
     cfg = parse_args(["--task", "padula-arithmetic"])
     assert cfg.reward == "padula-arithmetic" and cfg.sft_steps == 0
     cfg = parse_args(["--recipe", "padula-arithmetic", "--max_steps", "2", "--per_device_batch_size", "8"])
     assert (cfg.task, cfg.reward, cfg.model.builtin_model, cfg.sft_steps, cfg.max_steps) == \
-        ("padula-arithmetic", "padula-arithmetic", "padula-gpt2-cpu", 0, 2)
+        ("padula-arithmetic", "padula-arithmetic", "padula-gpt2-cpu", 4, 2)
+    # their SFT: 256 chains / (batch 8 x accumulation 8) = 4 steps of 64, lr 1e-4 (gpt_math.py)
+    assert (cfg.sft_batch_size, cfg.sft_learning_rate) == (64, 1e-4)
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--task", "padula-arithmetic", "--sft_steps", "3"], "warm-start"),
     (["--task", "padula-arithmetic", "--digits", "2"], "digits"),
     (["--task", "sentiment", "--reward", "padula-arithmetic"], "chain prompts"),
     (["--task", "sentiment", "--builtin_model", "padula-gpt2-cpu"], "WordTokenizer"),

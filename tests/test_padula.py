@@ -246,7 +246,7 @@ def test_recipe_trains_the_gpt2_policy_through_fastrlhf_train(tmp_path):
     argv = ["--config", str(recipe), "--task", "file", "--prompts", str(tmp_path / "prompts.txt"),
             "--reward", "fastrlhf.rewards:chain_arithmetic_reward", "--model_name_or_path", str(tmp_path / "model"),
             "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_batch_size", "8",
-            "--ppo_epochs", "1", "--eval_samples", "8", "--batch_entropy_coef", "0.3"]
+            "--ppo_epochs", "1", "--eval_samples", "8", "--batch_entropy_coef", "0.3", "--sft_steps", "0"]
     assert train.main(argv) == 0
     recs = metrics.read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
@@ -255,7 +255,7 @@ def test_recipe_trains_the_gpt2_policy_through_fastrlhf_train(tmp_path):
 
 def test_recipe_by_name_trains_the_builtin_gpt2(tmp_path):
     """`fastrlhf train --recipe padula-arithmetic`: the built-in padula-gpt2-cpu model and WordTokenizer, the
-    chain task and its reward, no warm start; one token per answer, rewards in (0, 1]."""
+    chain task and its reward, their warm start; one token per answer, rewards in (0, 1]."""
     from fastrlhf import metrics, train
 
     out = tmp_path / "run"
@@ -265,3 +265,43 @@ def test_recipe_by_name_trains_the_builtin_gpt2(tmp_path):
     recs = metrics.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
     assert all(r["response_len"] == 1.0 and 0.0 < r["reward_mean"] <= 1.0 for r in recs)
+
+
+def test_warm_start_trains_on_whole_chains(monkeypatch):
+    """The padula warm start is their SFT: the loss covers every token of a solved chain after the first
+    ([BOS] and [EOS] included, pads excluded), not only the answer, and it lowers that loss; the reference
+    is the warm-started policy afterwards."""
+    from fastrlhf import passes, warm_start
+    from fastrlhf.config import parse_args
+    from fastrlhf.train import setup
+
+    cfg = parse_args(["--recipe", "padula-arithmetic", "--sft_steps", "6", "--sft_batch_size", "16",
+                      "--sft_learning_rate", "3e-3", "--eval_samples", "4"])
+    run = setup(cfg)
+    seen = []
+    real_nll = passes.nll
+
+    def recording_nll(model, ids, attn, start, target):
+        seen.append((ids.clone(), attn.clone(), start, target.clone()))
+        return real_nll(model, ids, attn, start, target)
+
+    monkeypatch.setattr(warm_start, "nll", recording_nll)
+    chains = padula.sft_batch(run.bundle.tokenizer, padula.sft_examples(random.Random(7), 32))
+    ids, attn = chains["input_ids"], chains["attention_mask"]
+    with torch.no_grad():
+        before = real_nll(run.bundle.policy, ids, attn, 1, attn[:, 1:]).item()
+    warm_start.warm_start(run)
+    with torch.no_grad():
+        after = real_nll(run.bundle.policy, ids, attn, 1, attn[:, 1:]).item()
+    assert len(seen) == 6 and after < before - 0.5
+    tok = run.bundle.tokenizer
+    for ids_b, attn_b, start, target in seen:
+        assert start == 1 and torch.equal(target, attn_b[:, 1:])
+        for row, m in zip(ids_b.tolist(), attn_b.tolist()):
+            kept = [t for t, k in zip(row, m) if k]
+            assert kept[0] == tok.bos_token_id and kept[-1] == tok.eos_token_id
+            text = tok.decode(kept[1:-1])
+            assert solve_chain(text[:text.rindex("=") + 1]) == int(text.split()[-1])   # a solved chain
+    with run.bundle.reference() as ref_model:
+        for (k, p), q in zip(run.bundle.policy.state_dict().items(), ref_model.state_dict().values()):
+            assert torch.equal(p, q), k
