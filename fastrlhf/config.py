@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,9 @@ class TrainConfig:
     reward_model: Optional[str] = _f(None, "Hugging Face sequence-classification model scoring prompt+response")
     reward_label: int = _f(0, "which logit of --reward_model is the score")
     output_dir: str = _f("runs/fastrlhf", "where metrics.jsonl, checkpoints, the plot and TensorBoard go")
+    overwrite_output_dir: bool = _f(False, "start afresh in an --output_dir that holds a run (its checkpoints and "
+                                           "metrics are deleted); without it such a directory is refused unless "
+                                           "--resume is given")
     seed: int = _f(0, "seed of every random generator")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda", ("auto", "cpu", "cuda"))
     num_threads: Optional[int] = _f(None, "CPU threads for torch (None: 1 for the built-in tiny model, whose "
@@ -387,6 +391,12 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
     return cfg
 
 
+def holds_run(output_dir) -> bool:
+    """Whether `output_dir` holds a training run's files (metrics.jsonl or a checkpoint-* directory)."""
+    out = Path(output_dir)
+    return out.is_dir() and ((out / "metrics.jsonl").exists() or any(out.glob("checkpoint-*")))
+
+
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
@@ -424,6 +434,10 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"num_threads: expected None or an int >= 1, got {cfg.num_threads!r}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ValueError(f"save_total_limit: expected None or an int >= 1, got {cfg.save_total_limit!r}")
+    for f, _ in _fields(TrainConfig):        # inf / NaN would train on with all-NaN metrics
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{f.name}: expected a finite number, got {v!r}")
     for name in ("learning_rate", "critic_learning_rate", "sft_learning_rate", "temperature", "kl_target",
                  "kl_horizon"):
         v = getattr(cfg, name)
@@ -478,6 +492,11 @@ def validate(cfg: TrainConfig):
             and cfg.task not in ("padula-arithmetic", "file"):
         raise ValueError(f"builtin_model: {cfg.model.builtin_model!r} has the WordTokenizer (numbers 0..99, "
                          f"+ * =), for --task padula-arithmetic or a --prompts file of chains, got --task {cfg.task!r}")
+    if not cfg.resume and not cfg.overwrite_output_dir and holds_run(cfg.output_dir):
+        raise ValueError(f"output_dir: {cfg.output_dir!r} holds a run (metrics.jsonl or checkpoint-*); pass "
+                         f"--resume to continue it, --overwrite_output_dir to replace it, or another --output_dir")
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise ValueError("overwrite_output_dir: expected False with --resume (it would delete the run to resume)")
     if cfg.resume:
         from .checkpoint import latest
         if cfg.resume == "latest" and latest(cfg.output_dir) is None:

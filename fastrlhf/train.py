@@ -420,8 +420,14 @@ def update(run: Run, roll: Rollout) -> dict:
         order = torch.randperm(B, generator=run.streams.shuffle).to(run.device)
         for mini in order.split(per_step):
             opt.optimizer.zero_grad(set_to_none=True)
-            stats += accumulate_gradients(run, roll, mini, loss_cfg)
+            step_stats = accumulate_gradients(run, roll, mini, loss_cfg)
+            stats += step_stats
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
+            if not bool(torch.isfinite(norm)):   # one host read per optimizer step; the weights are not updated
+                losses = torch.stack([s["loss"].float() for s in step_stats])
+                what = "gradient norm" if bool(torch.isfinite(losses).all()) else "loss"
+                raise FloatingPointError(f"non-finite {what} (micro-batch losses {losses.tolist()}, gradient norm "
+                                         f"{norm.item()}); stopped before the optimizer step")
             grad_norms.append(norm)
             opt.optimizer.step()
             opt.scheduler.step()
@@ -442,6 +448,8 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     run = setup(cfg)
     out_dir = Path(cfg.output_dir)
+    if cfg.overwrite_output_dir:
+        checkpoint.remove_run(out_dir)                                 # the previous run's files
     checkpoint.clean_partial(out_dir)                                  # what a killed save left behind
     if cfg.resume:
         path = checkpoint.resume(run, cfg.resume)
@@ -460,7 +468,10 @@ def train(cfg: TrainConfig) -> dict:
         prompts = run.job.task.sample(batch, run.streams.data)             # 1. prompts
         roll = rollout(run, prompts)                                       # 2-6. generate … advantages
         with phase(run, "update"):
-            stats = update(run, roll)                                      # 7. policy + value updates
+            try:
+                stats = update(run, roll)                                  # 7. policy + value updates
+            except FloatingPointError as exc:
+                raise SystemExit(f"fastrlhf train: step {step}: {exc}") from None
         kl = roll.kl_seq.mean().item()
         run.shaping.kl_ctl.update(kl, batch)                               # 8. adaptive KL
         run.step = step

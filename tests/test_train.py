@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fastrlhf import checkpoint, evaluate, metrics, train
+from fastrlhf import checkpoint, config, evaluate, metrics, train
 
 # A 1-layer, 32-wide built-in Llama: every run below takes seconds.
 TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_num_heads", "2",
@@ -264,3 +264,37 @@ def test_optimizer_groups_are_the_policy_then_the_value_head(tmp_path):
     assert policy["params"] == run.bundle.policy_parameters() and policy["lr"] == 1e-4
     assert critic["params"] == list(run.bundle.value_head.parameters()) and critic["lr"] == 1e-3
     assert policy["params"] + critic["params"] == run.bundle.trainable_parameters()
+
+
+def test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(small(out, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "5")) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert train.main(small(out, "--max_steps", "1")) == 2                  # would clobber the run
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert train.main(small(out, "--max_steps", "1", "--overwrite_output_dir")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]   # the old 1..3 are gone
+    assert [r["step"] for r in records(out)] == [1]
+
+
+def test_non_finite_numbers_are_refused_before_loading():
+    for flag in ("--learning_rate", "--kl_coef", "--entropy_coef", "--temperature"):
+        for value in ("inf", "nan"):
+            with pytest.raises(ValueError, match=f"{flag[2:]}: expected a finite number"):
+                config.parse_args([flag, value])
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch, capsys):
+    real = train.micro_batch_loss
+    calls = []
+
+    def nan_on_second_step(run, mb, loss_cfg):
+        loss, stats = real(run, mb, loss_cfg)
+        calls.append(run.step)
+        return (loss * float("nan") if run.step == 1 else loss), stats
+
+    monkeypatch.setattr(train, "micro_batch_loss", nan_on_second_step)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"step 2: non-finite loss .*stopped before the optimizer step"):
+        train.main(small(out, "--max_steps", "3"))
+    assert [r["step"] for r in records(out)] == [1]
