@@ -17,6 +17,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
+
+from .config import resume_changes
 
 if TYPE_CHECKING:
     from .train import Run
@@ -321,10 +324,19 @@ def resume(run: Run, where: str) -> Path:
     path = latest(run.cfg.output_dir) if where == "latest" else Path(where)
     if path is None:
         raise ValueError(f"resume: no checkpoint in {run.cfg.output_dir!r}")
-    state, _ = load(path)
+    state, saved_cfg = load(path)
+    changes = resume_changes(saved_cfg, run.cfg)
     load_weights(run, state)
     run.optim.optimizer.load_state_dict(state["optimizer"])
     run.optim.scheduler.load_state_dict(state["scheduler"])
+    if changes:
+        print("resume: applying flags changed since the checkpoint: "
+              + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)
+    # the optimizer state carries the checkpoint's learning rates: the run's own (maybe changed) ones win
+    sched = run.optim.scheduler
+    sched.base_lrs = [run.cfg.learning_rate, run.cfg.critic_learning_rate][:len(sched.base_lrs)]
+    for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
     run.shaping.moments.load_state_dict(state["moments"])
     run.shaping.kl_ctl.load_state_dict(state["kl_ctl"])
     run.streams.set_state(state["rng"])

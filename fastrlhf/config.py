@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -391,6 +392,30 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
     return cfg
 
 
+# Flags a resumed run may change (applied from the resumed step on); every other flag must equal the
+# checkpoint's, since the saved weights, optimizer state, running statistics and random streams depend on it.
+RESUMABLE = ("resume", "overwrite_output_dir", "max_steps", "save_steps", "save_total_limit", "report_to",
+             "logging_steps", "eval_samples", "num_threads", "device", "learning_rate", "critic_learning_rate",
+             "max_memory_gb")
+
+
+def _flat(d: dict) -> dict:
+    return {**{k: v for k, v in d.items() if k != "model"}, **d.get("model", {})}
+
+
+def resume_changes(saved: dict, cfg: "TrainConfig") -> dict:
+    """Flags that differ between a checkpoint's config (`saved`, its config.json) and `cfg` -> {flag: (saved,
+    now)} of the RESUMABLE ones; ValueError naming every other one that differs (with both values)."""
+    now, before = _flat(json.loads(json.dumps(cfg.to_dict(), default=str))), _flat(saved)
+    diff = {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)}
+    fixed = {k: v for k, v in diff.items() if k not in RESUMABLE}
+    if fixed:
+        listed = ", ".join(f"--{k} {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in fixed.items())
+        raise ValueError(f"resume: these flags cannot change on --resume: {listed}; give the checkpoint's values "
+                         f"or start a new run")
+    return {k: v for k, v in diff.items() if k not in ("resume", "overwrite_output_dir")}
+
+
 def holds_run(output_dir) -> bool:
     """Whether `output_dir` holds a training run's files (metrics.jsonl or a checkpoint-* directory)."""
     out = Path(output_dir)
@@ -499,10 +524,12 @@ def validate(cfg: TrainConfig):
         raise ValueError("overwrite_output_dir: expected False with --resume (it would delete the run to resume)")
     if cfg.resume:
         from .checkpoint import latest
-        if cfg.resume == "latest" and latest(cfg.output_dir) is None:
+        path = latest(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if path is None:
             raise ValueError(f"resume: no checkpoint in --output_dir {cfg.output_dir!r} to resume from")
-        if cfg.resume != "latest" and not (Path(cfg.resume) / "state.pt").is_file():
+        if not (path / "state.pt").is_file():
             raise ValueError(f"resume: expected a checkpoint directory (with state.pt), got {cfg.resume!r}")
+        resume_changes(json.loads((path / "config.json").read_text()), cfg)   # refuses what cannot change
     if cfg.ptx_coef > 0 and not cfg.ptx_file:
         raise ValueError(f"ptx_coef: {cfg.ptx_coef} needs --ptx_file, got none")
     if cfg.ptx_file and not Path(cfg.ptx_file).is_file():

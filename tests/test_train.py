@@ -298,3 +298,21 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit, match=r"step 2: non-finite loss .*stopped before the optimizer step"):
         train.main(small(out, "--max_steps", "3"))
     assert [r["step"] for r in records(out)] == [1]
+
+
+def test_resume_applies_changeable_flags_and_refuses_the_rest(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(small(out, "--max_steps", "2", "--learning_rate", "1e-3")) == 0
+    for flag, value in (("--algo", "apa"), ("--seed", "7"), ("--per_device_batch_size", "2"), ("--lora_r", "4")):
+        capsys.readouterr()
+        assert train.main(small(out, "--max_steps", "3", "--learning_rate", "1e-3", "--resume", flag, value)) == 2
+        err = capsys.readouterr().err
+        assert "cannot change on --resume" in err and f"--{flag[2:]} " in err, err
+    with pytest.raises(ValueError, match=r"--seed 0 \(checkpoint\) vs 7 \(now\)"):
+        config.parse_args(small(out, "--max_steps", "3", "--learning_rate", "1e-3", "--resume", "--seed", "7"))
+    capsys.readouterr()
+    assert train.main(small(out, "--max_steps", "3", "--learning_rate", "1e-6", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "--learning_rate 0.001 -> 1e-06" in err and "--max_steps 2 -> 3" in err
+    last = records(out)[-1]
+    assert last["step"] == 3 and last["lr"] == pytest.approx(1e-6)       # the new rate trained step 3
