@@ -316,3 +316,13 @@ def test_resume_applies_changeable_flags_and_refuses_the_rest(tmp_path, capsys):
     assert "--learning_rate 0.001 -> 1e-06" in err and "--max_steps 2 -> 3" in err
     last = records(out)[-1]
     assert last["step"] == 3 and last["lr"] == pytest.approx(1e-6)       # the new rate trained step 3
+
+
+def test_resume_sets_the_new_learning_rates_before_the_first_step(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(small(out, "--max_steps", "1", "--learning_rate", "1e-3", "--critic_learning_rate", "1e-2")) == 0
+    cfg = config.parse_args(small(out, "--max_steps", "2", "--learning_rate", "1e-6", "--critic_learning_rate", "1e-5",
+                                  "--resume"))
+    run = train.setup(cfg)
+    checkpoint.resume(run, cfg.resume)
+    assert [g["lr"] for g in run.optim.optimizer.param_groups] == [1e-6, 1e-5]
