@@ -135,7 +135,9 @@ class TrainConfig:
                                           "matmuls are too small to gain from threads, else torch's default)")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     max_steps: int = _f(150, "RL steps (one rollout batch each)")
-    save_steps: int = _f(0, "checkpoint every N steps (0: only at the end)")
+    save_steps: int = _f(0, "checkpoint every N steps (0: by time, --save_minutes, and at the end)")
+    save_minutes: float = _f(10.0, "also checkpoint after a step that ends this many minutes after the last "
+                                   "checkpoint (0: off); an error during a rollout checkpoints the last completed step")
     save_total_limit: Optional[int] = _f(2, "keep this many newest checkpoints (None: all)")
     resume: Optional[str] = _f(None, "'latest' (checkpoint in --output_dir) or a checkpoint directory; "
                                      "--resume alone means latest")
@@ -394,7 +396,7 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
 
 # Flags a resumed run may change (applied from the resumed step on); every other flag must equal the
 # checkpoint's, since the saved weights, optimizer state, running statistics and random streams depend on it.
-RESUMABLE = ("resume", "overwrite_output_dir", "max_steps", "save_steps", "save_total_limit", "report_to",
+RESUMABLE = ("resume", "overwrite_output_dir", "max_steps", "save_steps", "save_minutes", "save_total_limit", "report_to",
              "logging_steps", "eval_samples", "num_threads", "device", "learning_rate", "critic_learning_rate",
              "max_memory_gb")
 
@@ -468,7 +470,7 @@ def validate(cfg: TrainConfig):
         v = getattr(cfg, name)
         if not v > 0:
             raise ValueError(f"{name}: expected a number > 0, got {v!r}")
-    for name in ("weight_decay", "entropy_coef", "batch_entropy_coef", "kl_coef", "ptx_coef", "vf_coef",
+    for name in ("save_minutes", "weight_decay", "entropy_coef", "batch_entropy_coef", "kl_coef", "ptx_coef", "vf_coef",
                  "cliprange_high", "adv_coeff"):
         v = getattr(cfg, name)
         if not v >= 0:

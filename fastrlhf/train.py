@@ -463,10 +463,16 @@ def train(cfg: TrainConfig) -> dict:
     batch = rollout_batch(cfg)
     bar = tqdm(range(run.step + 1, cfg.max_steps + 1), initial=run.step, total=cfg.max_steps, desc=cfg.algo,
                dynamic_ncols=True, disable=None)
+    saved_step, saved_at = run.step, time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
-        prompts = run.job.task.sample(batch, run.streams.data)             # 1. prompts
-        roll = rollout(run, prompts)                                       # 2-6. generate … advantages
+        try:
+            before = rollout_state(run)
+            prompts = run.job.task.sample(batch, run.streams.data)         # 1. prompts
+            roll = rollout(run, prompts)                                   # 2-6. generate … advantages
+        except BaseException:   # a reward function that raises, Ctrl-C, ...: keep the last completed step
+            save_after_rollout_error(run, before, saved_step)
+            raise
         with phase(run, "update"):
             try:
                 stats = update(run, roll)                                  # 7. policy + value updates
@@ -490,8 +496,11 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.logging_steps == 0:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{kl:.3f}",
                             ent=f"{record['entropy']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+        due = (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or (
+            cfg.save_minutes and time.perf_counter() - saved_at >= 60 * cfg.save_minutes)
+        if due:
             checkpoint.save_run(run)                                       # 10. checkpoint
+            saved_step, saved_at = step, time.perf_counter()
     bar.close()
     log.close()
     metrics.plot(log.records, out_dir / "curves.png")
@@ -505,6 +514,24 @@ def train(cfg: TrainConfig) -> dict:
         line += f" | held-out reward {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}"
     print(line, file=sys.stderr)
     return summary
+
+
+def rollout_state(run: Run) -> tuple:
+    """What a rollout changes before the update: the random streams and the reward-scaling moments."""
+    return run.streams.state(), run.shaping.moments.state_dict()
+
+
+def save_after_rollout_error(run: Run, before: tuple, saved_step: int):
+    """An error in a rollout leaves the weights, optimizer and KL controller as the last completed step
+    left them: put the rollout's random streams and moments back and checkpoint that step (unless it is
+    saved already or no RL step has completed), so that `--resume` loses nothing."""
+    if run.step == 0 or run.step == saved_step:
+        return
+    run.streams.set_state(before[0])
+    run.shaping.moments.load_state_dict(before[1])
+    path = checkpoint.save_run(run)
+    print(f"fastrlhf train: error during step {run.step + 1}; saved {path} (step {run.step}) to resume from",
+          file=sys.stderr)
 
 
 def quiet_transformers():

@@ -326,3 +326,29 @@ def test_resume_sets_the_new_learning_rates_before_the_first_step(tmp_path):
     run = train.setup(cfg)
     checkpoint.resume(run, cfg.resume)
     assert [g["lr"] for g in run.optim.optimizer.param_groups] == [1e-6, 1e-5]
+
+
+def test_error_in_a_rollout_checkpoints_the_last_step_and_resume_loses_nothing(tmp_path, monkeypatch):
+    """A reward function that raises (here: any error after the rollout consumed its random draws and
+    updated the reward moments) leaves a checkpoint of the last completed step; resuming from it gives
+    exactly the uninterrupted run."""
+    fn = tmp_path / "r.py"                      # varied scores, so the running moments matter
+    fn.write_text("def n_chars(prompts, responses):\n    return [len(r) / 3 for r in responses]\n")
+    common = ["--algo", "ppo-max", "--seed", "3", "--save_total_limit", "5", "--reward", f"{fn}:n_chars"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main(small(full, *common, "--max_steps", "4")) == 0
+    real = train.rollout
+
+    def failing(run, prompts):
+        roll = real(run, prompts)
+        if run.step == 2:
+            raise RuntimeError("reward server went away")
+        return roll
+
+    monkeypatch.setattr(train, "rollout", failing)
+    with pytest.raises(RuntimeError, match="reward server"):
+        train.main(small(part, *common, "--max_steps", "4"))
+    assert [p.name for p in checkpoint.list_checkpoints(part)] == ["checkpoint-2"]
+    monkeypatch.setattr(train, "rollout", real)
+    assert train.main(small(part, *common, "--max_steps", "4", "--resume")) == 0
+    assert _strip(records(full)) == _strip(records(part))
