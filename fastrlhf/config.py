@@ -334,7 +334,12 @@ def _check_types(values: dict, source: str):
 
 def _yaml_values(text: str, source: str) -> dict:
     import yaml
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{source}:{where}: expected YAML ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a mapping of option: value, got {type(data).__name__}")
     values = {k.replace("-", "_"): v for k, v in data.items()}
@@ -396,9 +401,9 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
 
 # Flags a resumed run may change (applied from the resumed step on); every other flag must equal the
 # checkpoint's, since the saved weights, optimizer state, running statistics and random streams depend on it.
-RESUMABLE = ("resume", "overwrite_output_dir", "max_steps", "save_steps", "save_minutes", "save_total_limit", "report_to",
-             "logging_steps", "eval_samples", "num_threads", "device", "learning_rate", "critic_learning_rate",
-             "max_memory_gb")
+RESUMABLE = ("resume", "overwrite_output_dir", "output_dir", "max_steps", "save_steps", "save_minutes",
+             "save_total_limit", "report_to", "logging_steps", "eval_samples", "num_threads", "device",
+             "learning_rate", "critic_learning_rate", "max_memory_gb")
 
 
 def _flat(d: dict) -> dict:

@@ -15,7 +15,7 @@ from . import checkpoint
 from .config import TrainConfig, validate
 from .rewards import BUILTIN_REWARDS, scores_tensor
 from .tasks import load_prompts
-from .train import Run, quiet_transformers, sample, setup
+from .train import Run, quiet_transformers, reward_source, sample, setup
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def evaluate(run: Run, n: int, *, seed: int, prompts=None) -> float:
     for s in range(0, len(prompts), 64):
         chunk = prompts[s:s + 64]
         *_, texts, _ = sample(run, chunk, temperature=0.0, generator=torch.Generator(run.device).manual_seed(seed))
-        scores += scores_tensor(run.job.reward_fn(chunk, texts), len(chunk), "cpu").tolist()
+        scores += scores_tensor(run.job.reward_fn(chunk, texts), len(chunk), "cpu", source=reward_source(run.cfg)).tolist()
     return sum(scores) / len(scores)
 
 

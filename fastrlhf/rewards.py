@@ -180,11 +180,28 @@ def make_reward(name, *, reward_model=None, reward_label=0, partial_credit=False
     return load_callable(name)
 
 
-def scores_tensor(values, n: int, device) -> torch.Tensor:
-    """A reward's output -> float32 [n] on `device`, checked for length and finiteness."""
-    t = torch.as_tensor(values if isinstance(values, torch.Tensor) else list(values), dtype=torch.float32)
+def scores_tensor(values, n: int, device, *, source: str = "reward") -> torch.Tensor:
+    """A reward's output -> float32 [n] on `device`: a sequence (or 1-d tensor) of n finite real numbers,
+    one per response; anything else is a ValueError naming `source` (the reward) and what it returned."""
+    def refuse(what):
+        shown = repr(values)
+        raise ValueError(f"{source}: expected {n} finite scores (one float per response), got {what}: "
+                         f"{shown[:200] + ('...' if len(shown) > 200 else '')}")
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool or values.is_complex() or values.dim() != 1:
+            refuse(f"a {values.dtype} tensor of shape {tuple(values.shape)}")
+        t = values.detach().float().cpu()
+    else:
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+            refuse(f"a {type(values).__name__}")
+        items = list(values)
+        bad = [v for v in items if isinstance(v, bool) or not isinstance(v, (int, float)) and not (
+            isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype.is_floating_point)]
+        if bad:
+            refuse(f"{type(bad[0]).__name__} values")
+        t = torch.tensor([float(v) for v in items], dtype=torch.float32)
     if t.shape != (n,):
-        raise ValueError(f"reward: expected {n} scores (one per response), got shape {tuple(t.shape)}")
+        refuse(f"{t.numel()} scores")
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"reward: expected finite scores, got {t.tolist()}")
+        refuse("non-finite scores")
     return t.to(device)

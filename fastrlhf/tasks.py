@@ -205,11 +205,19 @@ def load_prompts(path) -> List[str]:
     if not path.is_file():
         raise ValueError(f"prompts: expected an existing file, got {str(path)!r}")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"prompts: {path}:{lineno}: expected UTF-8 text, got byte {raw[exc.start]:#04x} at "
+                             f"column {exc.start + 1}") from None
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"prompts: {path}:{lineno}: expected one JSON value per line ({exc})") from None
             if isinstance(rec, dict):
                 key = "prompt" if "prompt" in rec else "text" if "text" in rec else None
                 if key is None:

@@ -330,7 +330,8 @@ def rollout(run: Run, prompts) -> Rollout:
         seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
     labels = seq[:, P:]
     with phase(run, "scoring"):
-        raw = scores_tensor(run.job.reward_fn(prompts, texts), len(prompts), run.device)
+        raw = scores_tensor(run.job.reward_fn(prompts, texts), len(prompts), run.device,
+                            source=reward_source(cfg))
         scores = scale_scores(raw, shaping.moments, mode=cfg.score_scaling, clip=cfg.score_clip)
         old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
     beta = shaping.kl_ctl.value if cfg.kl_in == "reward" else 0.0
@@ -514,6 +515,11 @@ def train(cfg: TrainConfig) -> dict:
         line += f" | held-out reward {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}"
     print(line, file=sys.stderr)
     return summary
+
+
+def reward_source(cfg: TrainConfig) -> str:
+    """How error messages name the run's reward."""
+    return f"reward {cfg.reward}" if cfg.reward else f"reward_model {cfg.reward_model}"
 
 
 def rollout_state(run: Run) -> tuple:

@@ -236,7 +236,7 @@ def test_resume_flag_forms(tmp_path):
         parse_args(["--resume", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="checkpoint directory"):
         parse_args(["--resume", str(tmp_path / "checkpoint-3")])
-    checkpoint.save(tmp_path, 3, {}, {})
+    checkpoint.save(tmp_path, 3, {}, parse_args(["--output_dir", str(tmp_path)]).to_dict())
     assert parse_args(["--resume", "--output_dir", str(tmp_path)]).resume == "latest"
     assert parse_args(["--resume", str(tmp_path / "checkpoint-3")]).resume == str(tmp_path / "checkpoint-3")
 
@@ -252,3 +252,10 @@ def test_config_dict_round_trip():
     cfg = parse_args(["--algo", "ppo-max", "--lora_r", "8"])
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     config.validate(TrainConfig.from_dict(cfg.to_dict()))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("learning_rate: 1e-5\nalgo: [ppo\nseed: 3\n")
+    with pytest.raises(ValueError, match=r"run.yaml: line \d+, column \d+: expected YAML"):
+        parse_args(["--config", str(f)])

@@ -74,7 +74,14 @@ def test_reward_model_label_out_of_range(tmp_path):
 
 def test_scores_tensor_checks():
     assert scores_tensor([1, 2], 2, "cpu").dtype == torch.float32
-    with pytest.raises(ValueError, match="expected 3 scores"):
+    assert scores_tensor(torch.tensor([0.5, 1.5]), 2, "cpu").tolist() == [0.5, 1.5]
+    with pytest.raises(ValueError, match="expected 3 finite scores .*got 1 scores"):
         scores_tensor([1.0], 3, "cpu")
     with pytest.raises(ValueError, match="finite"):
         scores_tensor([float("nan")], 1, "cpu")
+    # what a broken reward function returns: each named, with the function's name
+    for returned, what in ((["1.0", "2.0"], "str values"), ([None, 1.0], "NoneType values"), (0.5, "a float"),
+                           ("12", "a str"), ([True, False], "bool values"), ([1.0, 2.0, 3.0], "3 scores"),
+                           (torch.ones(2, 1), "shape")):
+        with pytest.raises(ValueError, match=f"reward my.py:fn: expected 2 finite scores .*got .*{what}"):
+            scores_tensor(returned, 2, "cpu", source="reward my.py:fn")

@@ -63,3 +63,14 @@ def test_make_task(tmp_path):
         make_task("file")
     with pytest.raises(ValueError, match="task"):
         make_task("chess")
+
+
+def test_prompt_files_name_the_bad_line(tmp_path):
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"fine\nalso fine\nbroken \xff here\n")
+    with pytest.raises(ValueError, match=r"p.txt:3: expected UTF-8 text, got byte 0xff at column 8"):
+        load_prompts(bad)
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:4: expected one JSON value per line"):
+        load_prompts(jl)
