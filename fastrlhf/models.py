@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Optional, Union
@@ -194,7 +195,15 @@ def _hf_config(name_or_path: Optional[str], cfg: ModelConfig):
         return builtin_config(cfg, builtin_tokenizer(cfg))
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:   # hub-name validation errors are ValueErrors
+        path = str(name_or_path)
+        if (os.path.isabs(path) or path.startswith((".", "~"))) and not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"{path!r}: no such directory") from None
+        what = "a directory without a usable config.json" if os.path.isdir(path) else \
+            "neither a local directory nor a Hugging Face model name that could be loaded"
+        raise ValueError(f"{path!r}: {what} ({str(exc).strip().splitlines()[0][:160]})") from None
 
 
 def _target_list(targets) -> Union[str, list]:
@@ -238,6 +247,12 @@ def validate(cfg: ModelConfig) -> None:
     """Raise ValueError for a bad combination of options, before any weight is loaded or created."""
     if cfg.builtin_model not in BUILTIN_MODELS:
         raise ValueError(f"builtin_model: expected one of {BUILTIN_MODELS}, got {cfg.builtin_model!r}")
+    for name in ("model_name_or_path", "critic_model_name_or_path"):
+        if getattr(cfg, name) is not None:
+            try:
+                _hf_config(getattr(cfg, name), cfg)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     if cfg.bnb_4bit_compute_dtype != "auto" and cfg.bnb_4bit_compute_dtype not in DTYPES:

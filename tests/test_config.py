@@ -259,3 +259,10 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     f.write_text("learning_rate: 1e-5\nalgo: [ppo\nseed: 3\n")
     with pytest.raises(ValueError, match=r"run.yaml: line \d+, column \d+: expected YAML"):
         parse_args(["--config", str(f)])
+
+
+def test_a_model_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(ValueError, match=r"model_name_or_path: '.*/missing': no such directory$"):
+        parse_args(["--model_name_or_path", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match=r"model_name_or_path: .*a directory without a usable config.json"):
+        parse_args(["--model_name_or_path", str(tmp_path)])
