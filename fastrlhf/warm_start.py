@@ -57,8 +57,9 @@ def warm_start(run: Run):
     cfg, bundle = run.cfg, run.bundle
     rng = random.Random(cfg.seed + 3)
     chains = cfg.task == "padula-arithmetic"
+    # weight decay: theirs (0.1) for the chains; torch's AdamW default (0.01) for fastrlhf's own warm start
     opt = torch.optim.AdamW(bundle.policy_parameters(), lr=cfg.sft_learning_rate,
-                            weight_decay=padula.SFT_WEIGHT_DECAY if chains else 0.0)
+                            weight_decay=padula.SFT_WEIGHT_DECAY if chains else 0.01)
     # their Trainer's cosine schedule (no warmup) over the run's optimizer steps
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.sft_steps, eta_min=0.0) if chains else None
     bundle.policy.train()
