@@ -1,4 +1,4 @@
-"""Batch entropy H_batch over logits [B, T, V] (DESIGN §3), forward + backward.
+"""Batch entropy H_batch over logits [B, T, V] (README, "Batch entropy"), forward + backward.
 
     python bench/bench_batch_entropy.py [--gpu-sizes]
 

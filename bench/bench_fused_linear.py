@@ -1,7 +1,7 @@
-"""Fused linear path (issue 3): hidden states -> PPO loss / log-probs, forward + backward.
+"""Fused linear path (README, "Fused linear path"): hidden states -> PPO loss / log-probs, forward + backward.
 
-    python bench/bench_fused_linear.py               CPU smoke sizes (or the issue's GPU sizes on CUDA)
-    python bench/bench_fused_linear.py --cpu-target  the issue's CPU target, N=4096 H=256 V=65536 fp32
+    python bench/bench_fused_linear.py               CPU smoke sizes (or the GPU sizes on CUDA)
+    python bench/bench_fused_linear.py --cpu-target  the CPU target, N=4096 H=256 V=65536 fp32
     python bench/bench_fused_linear.py --gpu-sizes   N=8192, H ∈ {896, 4096}, V ∈ {128256, 151936}, bf16
     add --compile to time the torch.compile baseline on CPU too (compiling takes minutes there)
 
@@ -185,7 +185,7 @@ def bench_shape(shape, device, dtype, compile_ok):
 
 def main(argv=None):
     parser = harness.arg_parser(__doc__)
-    parser.add_argument("--cpu-target", action="store_true", help="the issue's CPU target shape")
+    parser.add_argument("--cpu-target", action="store_true", help="the CPU target shape (N=4096, H=256, V=65536, fp32)")
     parser.add_argument("--compile", action="store_true",
                         help="also the torch.compile baseline on CPU (always on CUDA; slow to compile on CPU)")
     args, device, gpu = harness.start(__doc__, argv, parser)

@@ -1,6 +1,6 @@
 """GAE: fastrlhf extension vs TRL's per-step Python loop ("trl") and a vectorized torch version ("torch").
 
-CPU smoke sizes by default (B=64, T=1024: the issue's CPU target is >= 50x the loop); the issue's GPU
+CPU smoke sizes by default (B=64, T=1024: the CPU target is >= 50x the loop); the GPU
 sizes (B=256, T in {512, 2048, 8192}; target >= 1000x the loop at T=2048 and within 3x of the
 bandwidth floor) when CUDA is present or with --gpu-sizes. Floor = bytes of r, V, mask read once and
 A, R written once (5 * B * T * 4) over the measured copy bandwidth.

@@ -8,7 +8,7 @@ torch eager the way trainers do it (fp32 log_softmax + gather, then the loss), t
 Liger's Triton GRPO loss on logits (`liger_kernel.transformers.grpo_loss.triton_grpo_loss`, loss_type "bnpo" =
 masked mean over tokens, its default inplace=True; it takes logits [B, T+1, V] and per-sequence advantages).
 Shapes: N = B·T tokens with T = 1024, V as in the issue, bf16. Bytes that must move: logits read once and
-the gradient written once, 2·N·V·itemsize (DESIGN §4); `gbs` = those bytes / time, `frac_copy_bw` against
+the gradient written once, 2·N·V·itemsize (README, "Kernels"); `gbs` = those bytes / time, `frac_copy_bw` against
 the copy bandwidth measured in the same run. On CPU, fastrlhf dispatches to its
 PyTorch reference (fastrlhf.ops): CPU figures only check that the script works.
 """

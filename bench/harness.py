@@ -7,7 +7,7 @@ fastrlhf, torch, torch.compile, liger, cce, trl, hf.
 
 Scripts run as `python bench/bench_<op>.py [--gpu-sizes]` and `import harness` from their own folder.
 
-CPU timings are noisy: report medians and ratios (DESIGN §5). On CUDA, times come from
+CPU timings are noisy: report medians and ratios (README, "Benchmarks"). On CUDA, times come from
 `triton.testing.do_bench` (CUDA events, median) and memory from the caching allocator's peak.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     """The flags every bench script takes; scripts add their own."""
     parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
     parser.add_argument("--gpu-sizes", action="store_true",
-                        help="the issue's GPU shapes (the default when CUDA is present)")
+                        help="the GPU shapes (the default when CUDA is present)")
     return parser
 
 
@@ -64,7 +64,7 @@ def default_device() -> torch.device:
 
 def start(doc: str, argv=None, parser: Optional[argparse.ArgumentParser] = None):
     """Parse the flags (`parser`: arg_parser(doc) with a script's own flags added) -> (args, device, gpu):
-    gpu = run the issue's GPU shapes (CUDA present, or --gpu-sizes)."""
+    gpu = run the GPU shapes (CUDA present, or --gpu-sizes)."""
     args = (parser or arg_parser(doc)).parse_args(argv)
     device = default_device()
     return args, device, device.type == "cuda" or args.gpu_sizes

@@ -1,5 +1,5 @@
 """Fused linear path: from hidden states to log-probs / policy loss and gradients without ever
-holding the [N, V] logits (DESIGN §4, issue 3).
+holding the [N, V] logits (README, "Fused linear path").
 
 Shapes: hidden [..., H] (N tokens once flattened), weight [V, H] (the output layer, possibly tied
 to the input embedding), bias [V] or None, logits x = hidden @ weightᵀ + bias.
@@ -19,7 +19,7 @@ version of `ref.policy_rows`, `_TorchRows`). Tokens are processed in chunks of `
 each chunk's logits (4 GEMMs in all when trained); under `torch.no_grad()` it is one GEMM pass.
 
 Batch entropy couples the rows at one position t ([B, T, V] semantics): a first pass accumulates
-p̄ [T, V] in float32, then the main pass adds its gradient term (DESIGN §3) to dz.
+p̄ [T, V] in float32, then the main pass adds its gradient term (README, "Batch entropy") to dz.
 
 Chunk size (`chunk_size=None`): rows such that one float32 [rows, V] buffer fits a budget, 16 MiB
 on CPU, min(free/16, 128 MiB) on CUDA (`choose_chunk_size`); the caller can override it.
@@ -39,7 +39,7 @@ from .ops import _check_float, _check_labels, _check_same
 # extra memory at N=4096, H=256, V=65536: ~180 MiB including the 64 MiB grad_W).
 CPU_CHUNK_BYTES = 16 * 2**20
 CUDA_CHUNK_BYTES = 128 * 2**20
-# grad_W is accumulated in float32 by default from this vocabulary size on (issue 3: precision
+# grad_W is accumulated in float32 by default from this vocabulary size on (precision
 # above 250k vocabularies); below, in the weight's dtype.
 FP32_ACCUM_VOCAB = 250_000
 # fp32 accumulation of a low-precision dzᵀ @ h is done in vocabulary slices of this many rows so the
@@ -127,7 +127,7 @@ class _Grads:
 # On the torch backend the fused path runs this in-place version of the reference row core: two
 # float32 [rows, V] buffers reused by every chunk (the reference allocates ~6 fresh ones per chunk;
 # on the CPU every fresh buffer costs page faults, which made the fused path 2.5× slower than
-# materialized logits at the issue's CPU target shape). Logits are finite here (they come out of a
+# materialized logits at the CPU target shape N=4096, H=256, V=65536). Logits are finite here (they come out of a
 # GEMM), so the reference's −inf handling is not needed.
 
 class _TorchRows:
@@ -292,7 +292,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 
 def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
     """First pass of batch entropy. wpos [N] = m_bt/Σ_b m_bt, pos [N] = t of each row.
-    Returns (H_batch scalar, g [T, V] fp32) with g_v = −(log p̄_{t,v} + 1)/n_pos (DESIGN §3)."""
+    Returns (H_batch scalar, g [T, V] fp32) with g_v = −(log p̄_{t,v} + 1)/n_pos (README, "Batch entropy")."""
     n, vocab = hidden2d.shape[0], weight.shape[0]
     pbar = torch.zeros(T, vocab, dtype=torch.float32, device=hidden2d.device)
     torch_rows = _TorchRows(rows, vocab, hidden2d.device)

@@ -324,7 +324,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2):
 
 def batch_entropy(logits, mask, *, temperature=1.0):
     """logits [B, T, V], mask [B, T] -> H_batch, the mean over positions of the entropy of the
-    batch-mean distribution (DESIGN §3). Scalar float32, differentiable."""
+    batch-mean distribution (README, "Batch entropy"). Scalar float32, differentiable."""
     _check_float("logits", logits)
     _check_temperature(temperature)
     if logits.dim() != 3:

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every fastrlhf op.
 
-This file is the spec (DESIGN.md §3), the CPU path and the test oracle. Every fast
+This file is the spec (README, "Losses" and "Batch entropy"), the CPU path and the test oracle. Every fast
 path (Triton kernels, the CUDA extension, the fused linear path) computes the
 same functions as the code below.
 
@@ -236,7 +236,7 @@ class _BatchEntropy(torch.autograd.Function):
     """H_batch = mean over positions t with any valid token of H(p̄_t),
     p̄_t = Σ_b m_bt p_bt / Σ_b m_bt.
 
-    Gradient (DESIGN §3): g_v = −(log p̄_{t,v} + 1)/n_pos,
+    Gradient (README, "Batch entropy"): g_v = −(log p̄_{t,v} + 1)/n_pos,
     ∂/∂z_{bt,v} = (m_bt/Σ_b m_bt)·p_{bt,v}·(g_v − Σ_u p_{bt,u} g_u), times 1/τ for raw logits.
     """
 

@@ -1,4 +1,4 @@
-"""Batch entropy over logits [B, T, V] (DESIGN §3): the entropy of the batch-mean distribution per position.
+"""Batch entropy over logits [B, T, V] (README, "Batch entropy"): the entropy of the batch-mean distribution per position.
 
     p̄_t = Σ_b w_bt·p_bt,  w_bt = m_bt / Σ_b m_bt,   H_batch = Σ_{t: Σ_b m_bt > 0} H(p̄_t) / n_pos
     ∂H_batch/∂z_bt = w_bt · p_bt ⊙ (g_t − Σ_u p_bt,u g_t,u),   g_t = −(log p̄_t + 1)/n_pos   (× 1/τ)

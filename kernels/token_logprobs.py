@@ -1,6 +1,6 @@
 """Token log-probs and entropy over logits [..., V]: one pass forward, one recomputing pass backward.
 
-Per row (DESIGN §3): z = x/τ, m = max z, s = Σ e^{z−m}, u = Σ (z−m)·e^{z−m} (fp32), then
+Per row (README, "Losses"): z = x/τ, m = max z, s = Σ e^{z−m}, u = Σ (z−m)·e^{z−m} (fp32), then
     lse = m + log s,   ℓ = z_y − lse,   Σ p z = m + u/s,   H = lse − Σ p z = log s − u/s.
 Accumulating u around the running max (instead of Σ z e^{z−m}) keeps H free of the cancellation
 of `lse − Σpz` when |z| is large. Backward writes, per row,

@@ -1,5 +1,5 @@
 """Batch entropy: the reference (torch) and the Triton kernels (kernels/batch_entropy.py, under
-TRITON_INTERPRET=1 on CPU) against the float64 formula of DESIGN §3 written here."""
+TRITON_INTERPRET=1 on CPU) against the float64 formula of README "Batch entropy", written here."""
 import pytest
 import torch
 

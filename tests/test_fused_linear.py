@@ -23,7 +23,7 @@ FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 def loss64(x, labels, mask, adv, old, rf, *, algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2,
            dual_clip=None, adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
            batch_entropy_coef=0.0):
-    """DESIGN §3 in float64: x [B, T, V] -> (loss, ℓ, H, kl)."""
+    """README "Losses" in float64: x [B, T, V] -> (loss, ℓ, H, kl)."""
     z = x.double() / temperature
     logp = torch.log_softmax(z, -1)
     p = logp.exp()

@@ -12,7 +12,7 @@ EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11
 
 
 def _loss_f64(x, labels, mask, adv, old, ref_lp, kw):
-    """The combined loss in float64 from DESIGN §3, straight from the formulas."""
+    """The combined loss in float64 from README "Losses", straight from the formulas."""
     tau = kw.get("temperature", 1.0)
     z = x.double() / tau
     logp = z - torch.logsumexp(z, -1, keepdim=True)
@@ -193,7 +193,7 @@ def test_ppo_tie_at_ratio_one_matches_reference():
 @pytest.mark.cuda
 @pytest.mark.parametrize("V", [32000, 151936])
 def test_cuda_large_vocab_against_float64(V):
-    """Real kernels (compiled, default blocks and persistent grid) on the issue's vocabularies, bf16."""
+    """Real kernels (compiled, default blocks and persistent grid) on the target vocabularies (32k-262k), bf16."""
     x, labels, mask, adv, old, ref_lp = (t.cuda() for t in _inputs(4, 24, V, torch.bfloat16))
     kw = CONFIGS[1]
     x64 = x.double().requires_grad_()

@@ -123,7 +123,7 @@ def test_nonfinite_row_gives_nan_for_that_row_only():
 
 
 def test_half_precision_log_softmax_trap():
-    """DESIGN §3 trap: log-softmax computed in bf16 is off by ~0.1 nats at logit scale 20; the kernel
+    """A known trap: log-softmax computed in bf16 is off by ~0.1 nats at logit scale 20; the kernel
     accumulates in fp32 and stays at fp32 accuracy for the same bf16 inputs."""
     x, labels = _inputs((8,), 1000, torch.bfloat16, scale=20.0)
     labels[:] = torch.randint(0, 1000, (8,))                   # typical tokens: ℓ of −10..−80 nats
@@ -169,7 +169,7 @@ def test_launcher_errors_name_the_argument():
 @pytest.mark.cuda
 @pytest.mark.parametrize("V", [32000, 151936, 262144])
 def test_cuda_large_vocab_against_float64(V):
-    """Real kernels (compiled, default blocks and persistent grid) on the issue's vocabularies, bf16."""
+    """Real kernels (compiled, default blocks and persistent grid) on the target vocabularies (32k-262k), bf16."""
     x, labels = _inputs((96,), V, torch.bfloat16)
     x, labels = x.cuda(), labels.cuda()
     g_lp, g_ent = torch.randn(96, device="cuda"), torch.randn(96, device="cuda")
