@@ -4,7 +4,7 @@
 
 Impls: fastrlhf (Triton: row statistics, a [T, V] fp32 accumulator p̄, a two-pass backward), torch eager
 (fp32 softmax over the whole batch, the way the formula reads) and torch.compile of it. No Liger/TRL
-counterpart exists. Shapes: N = B·T tokens with T = 1024, V in {32000, 151936, 262144}, bf16. Bytes that must move:
+counterpart exists. Shapes: N = B·T tokens with T = 1024, V in GPU_SHAPES, bf16. Bytes that must move:
 logits read by the forward, read by the backward, gradient written: 3·N·V·itemsize; `gbs` = those bytes /
 time, `frac_copy_bw` against the copy bandwidth measured in the same run. On CPU, fastrlhf dispatches to its
 PyTorch reference (fastrlhf.ops): CPU figures only check that the script works.

@@ -7,7 +7,7 @@ its `ms` includes restoring the logits, whose own time is `restore_copy_ms`),
 torch eager the way trainers do it (fp32 log_softmax + gather, then the loss), torch.compile of the same,
 Liger's Triton GRPO loss on logits (`liger_kernel.transformers.grpo_loss.triton_grpo_loss`, loss_type "bnpo" =
 masked mean over tokens, its default inplace=True; it takes logits [B, T+1, V] and per-sequence advantages).
-Shapes: N = B·T tokens with T = 1024, V in {32000, 151936, 262144}, bf16. Bytes that must move: logits read once and
+Shapes: N = B·T tokens with T = 1024, V in GPU_SHAPES, bf16. Bytes that must move: logits read once and
 the gradient written once, 2·N·V·itemsize (README, "Kernels"); `gbs` = those bytes / time, `frac_copy_bw` against
 the copy bandwidth measured in the same run. On CPU, fastrlhf dispatches to its
 PyTorch reference (fastrlhf.ops): CPU figures only check that the script works.
