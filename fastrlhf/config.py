@@ -396,6 +396,9 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
     train_kw, model_kw = _split(values, "options")
     cfg = TrainConfig(model=ModelConfig(**model_kw), **train_kw).resolved(explicit=set(values))
     validate(cfg)
+    if not cfg.resume and not cfg.overwrite_output_dir and holds_run(cfg.output_dir):   # training only
+        raise ValueError(f"output_dir: {cfg.output_dir!r} holds a run (metrics.jsonl or checkpoint-*); pass "
+                         f"--resume to continue it, --overwrite_output_dir to replace it, or another --output_dir")
     return cfg
 
 
@@ -524,9 +527,6 @@ def validate(cfg: TrainConfig):
             and cfg.task not in ("padula-arithmetic", "file"):
         raise ValueError(f"builtin_model: {cfg.model.builtin_model!r} has the WordTokenizer (numbers 0..99, "
                          f"+ * =), for --task padula-arithmetic or a --prompts file of chains, got --task {cfg.task!r}")
-    if not cfg.resume and not cfg.overwrite_output_dir and holds_run(cfg.output_dir):
-        raise ValueError(f"output_dir: {cfg.output_dir!r} holds a run (metrics.jsonl or checkpoint-*); pass "
-                         f"--resume to continue it, --overwrite_output_dir to replace it, or another --output_dir")
     if cfg.resume and cfg.overwrite_output_dir:
         raise ValueError("overwrite_output_dir: expected False with --resume (it would delete the run to resume)")
     if cfg.resume:
