@@ -377,22 +377,24 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
 
 def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs, *,
-                             bias=None, chunk_size=None, algo="ppo", temperature=1.0, clip_low=0.2,
+                             bias=None, chunk_size=None, config=None, algo="ppo", temperature=1.0, clip_low=0.2,
                              clip_high=0.2, dual_clip=None, adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0,
                              kl_estimator="k3", batch_entropy_coef=0.0, accum_fp32=None):
     """`policy_loss_from_logits(hidden @ weightᵀ + bias, ...)` without holding the [N, V] logits.
 
     hidden [..., H] (batch entropy needs [B, T, H]), weight [V, H], bias [V] or None; labels, mask,
-    advantages, old/ref log-probs [...]. Same knobs, value and gradients (w.r.t. hidden, weight,
-    bias) as `fastrlhf.policy_loss_from_logits`; returns (loss, out) with the same `out`.
+    advantages, old/ref log-probs [...]. Same knobs (keywords, or a ready `config=LossConfig(...)` with
+    the keywords left at their defaults), value and gradients (w.r.t. hidden, weight, bias) as
+    `fastrlhf.policy_loss_from_logits`; returns (loss, out) with the same `out`. Advantages and old/ref
+    log-probs are constants (rollout data): no gradient flows to them.
     Gradients are computed during the forward pass (3 GEMMs per chunk) and only scaled in backward,
     so backward can run once per call. chunk_size: tokens per chunk (None: `choose_chunk_size`).
     accum_fp32: accumulate grad_W in float32 (None: when V ≥ 250k; always when weight is float32).
     """
-    cfg = ops.make_loss_config(algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                               dual_clip=dual_clip, adv_coeff=adv_coeff, entropy_coef=entropy_coef,
-                               kl_coef=kl_coef, kl_estimator=kl_estimator,
-                               batch_entropy_coef=batch_entropy_coef)
+    cfg = ref.loss_config(config, dict(
+        algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        adv_coeff=adv_coeff, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        batch_entropy_coef=batch_entropy_coef))
     _check_linear(hidden, weight, bias, chunk_size)
     vocab, width = weight.shape
     shape = hidden.shape[:-1]

@@ -17,10 +17,13 @@ chunked over rows (``_row_chunks``) so that no float32 copy of the whole
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from . import checks
 
 # Rows per chunk are picked so one float32 chunk of [rows, V] is at most this many bytes.
 CHUNK_BYTES = 64 * 2**20
@@ -124,7 +127,8 @@ def token_entropy(logits, *, temperature=1.0):
 # ----------------------------------------------------------------------------
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ALGOS = ("ppo", "apa")
+# The per-token policy-loss kinds of `token_loss` (the trainer's --algo ppo-max uses "ppo").
+POLICY_LOSSES = ("ppo", "apa")
 
 
 def masked_mean(x, mask):
@@ -278,18 +282,49 @@ def batch_entropy(logits, mask, *, temperature=1.0):
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Knobs of `policy_loss_from_logits` (and of the fused linear path)."""
+    """Knobs of `policy_loss_from_logits` (and of the fused linear path), checked once on construction
+    (`fastrlhf.checks`; numbers are stored as floats): the one carrier of these options from the CLI to
+    the kernel launchers, which do not check them again."""
 
     algo: str = "ppo"                 # "ppo" (clipped ratio) or "apa" (squared advantage residual)
     temperature: float = 1.0          # logits are divided by this before the softmax
-    clip_low: float = 0.2             # PPO ratio clip 1 − ε_low
-    clip_high: float = 0.2            # PPO ratio clip 1 + ε_high
+    clip_low: float = 0.2             # PPO ratio clip 1 − ε_low, ε_low in [0, 1)
+    clip_high: float = 0.2            # PPO ratio clip 1 + ε_high, ε_high >= 0
     dual_clip: Optional[float] = None  # PPO dual clip c > 1 for A < 0
     adv_coeff: float = 10.0           # APA 1/λ
     entropy_coef: float = 0.0         # loss −= entropy_coef · mean H
     kl_coef: float = 0.0              # loss += kl_coef · mean k(ℓ, ℓ_ref)
     kl_estimator: str = "k3"
     batch_entropy_coef: float = 0.0   # loss −= batch_entropy_coef · H_batch
+
+    def __post_init__(self):
+        checked = {
+            "algo": checks.choice("algo", self.algo, POLICY_LOSSES),
+            "temperature": checks.temperature(self.temperature),
+            "clip_low": checks.clip_low(self.clip_low),
+            "clip_high": checks.clip_high(self.clip_high),
+            "dual_clip": checks.dual_clip(self.dual_clip),
+            "kl_estimator": checks.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+        }
+        for name in ("adv_coeff", "entropy_coef", "kl_coef", "batch_entropy_coef"):
+            checked[name] = checks.coefficient(name, getattr(self, name))
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+
+def loss_config(config, knobs: dict) -> LossConfig:
+    """The `LossConfig` of a policy-loss call: `config` itself when given (then every keyword knob must be
+    left at its default), else LossConfig(**knobs)."""
+    if config is None:
+        return LossConfig(**knobs)
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config: expected None or a fastrlhf.LossConfig, got {type(config).__name__}")
+    for f in dataclasses.fields(LossConfig):
+        value = knobs[f.name]
+        if not (value is f.default or (not isinstance(value, bool) and value == f.default)):
+            raise ValueError(f"{f.name}: expected the default {f.default!r} when config= is given (set it in "
+                             f"the LossConfig instead), got {value!r}")
+    return config
 
 
 def token_loss(logprobs, entropy, old_logprobs, ref_logprobs, advantages, mask, cfg: LossConfig):
@@ -482,7 +517,7 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
 
 
 __all__ = [
-    "LossConfig", "ALGOS", "KL_ESTIMATORS", "masked_mean", "logprobs_and_entropy", "token_logprobs",
+    "LossConfig", "POLICY_LOSSES", "loss_config", "KL_ESTIMATORS", "masked_mean", "logprobs_and_entropy", "token_logprobs",
     "token_entropy", "kl_penalty", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_entropy",
     "token_loss", "policy_rows", "policy_loss_from_logits", "gae", "whiten", "sample_tokens",
 ]

@@ -142,16 +142,13 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
     total = Σ_t weight_t·loss_t (0-d fp32), dz [n, V]) with dz = ∂total/∂logits2d in logits2d's dtype
     (fp32 accumulation, one rounding at the store; ref returns fp32) or None when write_grad=False.
     `out`: a [n, V] buffer for dz, e.g. logits2d itself to overwrite the logits in place.
+    cfg was checked when it was built (`LossConfig.__post_init__`) and is not checked again here.
     """
     labels = labels.long().contiguous()
     weight, advantages, old_logprobs, ref_logprobs = (
         t.float().contiguous() for t in (weight, advantages, old_logprobs, ref_logprobs))
     logits2d = token_logprobs.check_rows(logits2d, labels=labels, weight=weight, advantages=advantages,
                                          old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
-    if cfg.algo not in ref.ALGOS:
-        raise ValueError(f"cfg.algo: expected one of {ref.ALGOS}, got {cfg.algo!r}")
-    if cfg.kl_estimator not in _KL_CODES:
-        raise ValueError(f"cfg.kl_estimator: expected one of {tuple(_KL_CODES)}, got {cfg.kl_estimator!r}")
     n, v = logits2d.shape
     dz = None
     if write_grad:
