@@ -177,25 +177,10 @@ class _TorchRows:
 
     @staticmethod
     def grad(state, g_lp, g_ent, temperature):
-        """dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ p z)) / τ, float32 [n, V], written over z.
-        Rows whose label is ignored have ℓ ≡ 0, so their gℓ is dropped."""
+        """dz [n, V] float32 written over the z buffer: `ref.row_grad_`, the reference's formula, on this
+        core's buffers (z − Σ p z is formed in place over z − max z)."""
         z, p, pz, valid, safe = state
-        g_lp = torch.where(valid, g_lp, torch.zeros_like(g_lp))
-        dz = z.sub_(pz[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]).mul_(p).neg_()
-        dz.scatter_add_(-1, safe[:, None], g_lp[:, None])
-        return dz.div_(temperature) if temperature != 1.0 else dz
-
-
-def _token_grads(lp, ent, wts, adv, old, ref_lp, cfg):
-    """The per-token part of ref.policy_rows, [n] float32: (Σ w·loss, KL, ∂Σw·loss/∂ℓ, ∂/∂H)."""
-    with torch.enable_grad():
-        lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
-        per_token, kl, _ = ref.token_loss(lp_, ent_, old, ref_lp, adv, wts > 0, cfg)
-        total = (wts * per_token).sum()
-        g_lp, g_ent = torch.autograd.grad(total, (lp_, ent_), allow_unused=True)
-    zeros = torch.zeros_like(lp)
-    return (total.detach(), kl.detach(), zeros if g_lp is None else g_lp,
-            zeros if g_ent is None else g_ent)
+        return ref.row_grad_(z.sub_(pz[:, None]), p, g_lp, g_ent, valid, safe, temperature)
 
 
 # ----------------------------------------------------------------------------
@@ -290,7 +275,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 # Policy loss: gradients computed in forward, chunk by chunk; backward is a scale
 # ----------------------------------------------------------------------------
 
-def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
+def _batch_entropy_and_g(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
     """First pass of batch entropy. wpos [N] = m_bt/Σ_b m_bt, pos [N] = t of each row.
     Returns (H_batch scalar, g [T, V] fp32) with g_v = −(log p̄_{t,v} + 1)/n_pos (README, "Batch entropy")."""
     n, vocab = hidden2d.shape[0], weight.shape[0]
@@ -300,7 +285,8 @@ def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
         for s in range(0, n, rows):
             e = min(n, s + rows)
             _, p, _, _ = torch_rows.softmax(hidden2d[s:e], weight, bias, temperature)
-            pbar.index_add_(0, pos[s:e], p.mul_(wpos[s:e, None]))
+            w = wpos[s:e, None]
+            pbar.index_add_(0, pos[s:e], p.mul_(w).masked_fill_(w == 0, 0.0))    # masked rows selected out
     n_pos = (torch.zeros(T, device=wpos.device).index_add_(0, pos, wpos) > 0).sum().float().clamp_min(1.0)
     logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
     h_batch = -(pbar * logp).sum() / n_pos
@@ -310,9 +296,10 @@ def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
 
 def _batch_entropy_dz(p, g_rows, w_rows, temperature):
     """∂H_batch/∂x for one chunk: w·p·(g − Σ_u p_u g_u)/τ with p = softmax(x/τ) [n, V] float32,
-    g_rows [n, V] (a fresh gather, overwritten), w_rows [n]."""
+    g_rows [n, V] (a fresh gather, overwritten), w_rows [n]; exactly 0 (selected) on masked rows (w = 0)."""
     pg = torch.bmm(p[:, None, :], g_rows[:, :, None]).view(-1, 1)
-    return g_rows.sub_(pg).mul_(p).mul_(w_rows[:, None] / temperature)
+    w = w_rows[:, None]
+    return g_rows.sub_(pg).mul_(p).mul_(w / temperature).masked_fill_(w == 0, 0.0)
 
 
 def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, rows, bent, grads):
@@ -330,8 +317,8 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
             h = hidden2d[s:e]
             if torch_rows is not None:
                 lp[s:e], ent[s:e], _, state = torch_rows.stats(h, weight, bias, labels[s:e], cfg.temperature, -100)
-                t, kl[s:e], g_lp, g_ent = _token_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e], old[s:e],
-                                                       ref_lp[s:e], cfg)
+                t, kl[s:e], g_lp, g_ent = ref.token_loss_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e], old[s:e],
+                                                               ref_lp[s:e], cfg)
                 dz = None if grads is None else torch_rows.grad(state, g_lp, g_ent, cfg.temperature)
                 p = state[1]
             else:
@@ -413,7 +400,7 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
     wts = m / m.sum().clamp_min(1.0)                                     # w_t = m_t / Σ m
     labels1d = labels.reshape(-1).long()
     labels1d = torch.where(m > 0, labels1d, torch.full_like(labels1d, -100))
-    per_token = [t.reshape(-1).float() for t in (advantages, old_logprobs, ref_logprobs)]
+    per_token = [t.reshape(-1).float().detach() for t in (advantages, old_logprobs, ref_logprobs)]   # constants
     rows = chunk_size or choose_chunk_size(n, vocab, hidden.device)
     needs = _needs(hidden, weight, bias)
 
@@ -423,7 +410,7 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
         count = mask.float().sum(0)                                       # Σ_b m_bt [T]
         wpos = (mask.float() / count.clamp_min(1.0)).reshape(-1)          # m_bt / Σ_b m_bt [N]
         pos = torch.arange(T, device=hidden.device).repeat(B)             # t of row b·T + t
-        h_batch, g = _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, cfg.temperature, rows)
+        h_batch, g = _batch_entropy_and_g(hidden2d, weight, bias, wpos, pos, T, cfg.temperature, rows)
         bent = (g, wpos, pos)
 
     if any(needs):

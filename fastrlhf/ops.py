@@ -375,12 +375,12 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     return impl("gae", rewards.device)(rewards, values, mask, gamma=gamma, lam=lam)
 
 
-def whiten(x, mask, *, shift_mean=True):
+def whiten(x, mask):
     """Masked whitening over valid tokens; safe with 0 or 1 valid token. Masked positions may hold
     anything (NaN too): they reach neither the statistics nor the gradient, and come out 0."""
     _check_first("x", x)
     _check_mask("mask", mask, x.shape, x.device)
-    return ref.whiten(x, mask, shift_mean=shift_mean)
+    return ref.whiten(x, mask)
 
 
 def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None):

@@ -64,10 +64,16 @@ def _policy_rows_kernel(
         lp = tl.where(valid, z_y - lse, 0.0)
         ent = log_s - u / s
         # per-token loss and its derivative w.r.t. ℓ (closed forms in the module docstring)
+        # masked tokens (w = 0): the rollout tensors are not read (0 is selected), so NaN / inf / −100
+        # there reach neither the loss nor the gradient, as in fastrlhf.ref.token_loss
         w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        ref_lp = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        live = row_ok & (w > 0)
+        adv = tl.load(adv_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        ref_lp = tl.load(ref_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        tl.store(lp_ptr + rows, lp, mask=row_ok)
+        tl.store(ent_ptr + rows, ent, mask=row_ok)
+        lp = tl.where(live, lp, 0.0)
         if IS_PPO:
             ratio = tl.exp(lp - old)
             lo = 1.0 - clip_low
@@ -107,10 +113,8 @@ def _policy_rows_kernel(
             loss -= entropy_coef * ent
             g_ent = -entropy_coef * w
         g_lp = tl.where(valid, w * d_lp, 0.0)                              # ℓ ≡ 0 at an ignored label
-        tl.store(lp_ptr + rows, lp, mask=row_ok)
-        tl.store(ent_ptr + rows, ent, mask=row_ok)
         tl.store(kl_ptr + rows, kl, mask=row_ok)
-        tl.store(wloss_ptr + rows, w * loss, mask=row_ok)
+        tl.store(wloss_ptr + rows, tl.where(live, w * loss, 0.0), mask=row_ok)   # H may be NaN where masked
         # pass 2: dz
         if WRITE_GRAD:
             _write_row_grad(x_ptr, dz_ptr, row_off, rows * stride_dz, row_ok, labels, valid, lse, m + u / s,
@@ -218,6 +222,7 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
     inplace=True writes the logits gradient over the logits buffer (saves one [N, V] buffer; the logits
     are garbage afterwards, so nothing else may need them: not allowed with batch_entropy_coef).
+    Differentiable w.r.t. the logits only: advantages and old/ref log-probs are treated as constants.
     """
     if inplace and cfg.batch_entropy_coef:
         raise ValueError(f"inplace: expected False when cfg.batch_entropy_coef != 0 (batch entropy re-reads the "
@@ -231,9 +236,10 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     weight = m / m.sum().clamp_min(1.0)
     flat_labels = labels.reshape(-1).long()
     labels2d = torch.where(m > 0, flat_labels, torch.full_like(flat_labels, -100))
+    # advantages and old/ref log-probs are constants here (rollout data): detached, no gradient reaches them
     loss, lp, ent, kl = _PolicyLossFromLogits.apply(
-        logits2d, labels2d, weight, advantages.reshape(-1), old_logprobs.reshape(-1), ref_logprobs.reshape(-1),
-        cfg, inplace)
+        logits2d, labels2d, weight, advantages.reshape(-1).detach(), old_logprobs.reshape(-1).detach(),
+        ref_logprobs.reshape(-1).detach(), cfg, inplace)
     out = ref._loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask, old_logprobs,
                             ref_logprobs, advantages, cfg)
     if cfg.batch_entropy_coef:
