@@ -14,6 +14,10 @@ maximum/minimum split the gradient in half on a tie, clamp passes it on the clos
     PPO   ρ = e^{ℓ−ℓ_old}, u = −Aρ, c = −A·clip(ρ, 1−ε_lo, 1+ε_hi), pg = max(u, c)
           ∂u = −Aρ, ∂c = −Aρ·[1−ε_lo ≤ ρ ≤ 1+ε_hi]; ∂pg = ∂u (u > c), ∂c (u < c), (∂u + ∂c)/2 (tie)
           dual clip C (A < 0): pg' = min(pg, −CA), ∂pg' = ∂pg (pg < −CA), ∂pg/2 (tie), 0 (pg > −CA)
+          The tie rules matter only at float32 ties: with ρ inside the closed clip interval (its ends
+          included) ∂c = ∂u, so (∂u + ∂c)/2 = ∂u; but −A·ρ and −A·(1+ε_hi) can round to the same float
+          for ρ a few ulps outside, where ∂c = 0 and torch gives ∂u/2; and ρ == C makes −Aρ == −CA exactly.
+          tests/test_policy_loss.py builds both cases.
     APA   r = ℓ − ℓ_ref − adv_coeff·A, pg = r², ∂pg = 2r
     KL    d = ℓ_ref − ℓ: k1 = −d (∂ = 1), k2 = d²/2 (∂ = −d), k3 = e^d − 1 − d (∂ = −(e^d − 1))
 """
