@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import ops, ref
-from .ops import _check_float, _check_labels, _check_same
+from .ops import _check_first, _check_float, _check_labels, _check_mask, _check_same
 
 # One float32 [rows, V] buffer of the row core fits in this budget (the torch row core holds 2 such
 # buffers plus short-lived [rows] vectors, so a CPU chunk costs ~32 MiB whatever N is; measured peak
@@ -63,15 +63,16 @@ def choose_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
 
 
 def _check_linear(hidden, weight, bias, chunk_size):
-    _check_float("hidden", hidden)
+    """Shapes, dtypes and devices only (no value is read)."""
+    _check_first("hidden", hidden)
     _check_float("weight", weight)
     if hidden.dim() < 1:
         raise ValueError("hidden: expected shape [..., H], got a 0-dim tensor")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), "
-                         f"got {tuple(weight.shape)}")
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected a tensor on {hidden.device} (like hidden), got {weight.device}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]) with a vocabulary "
+                         f"of V >= 1 tokens, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (like hidden), got {weight.dtype}")
     if bias is not None:
@@ -257,8 +258,8 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     _check_linear(hidden, weight, bias, chunk_size)
     ops._check_temperature(temperature)
     vocab, width = weight.shape
-    _check_labels("labels", labels, (*hidden.shape[:-1], vocab), ignore_index)
     _check_same("labels", labels, hidden.shape[:-1], hidden.device)
+    _check_labels("labels", labels, (*hidden.shape[:-1], vocab), ignore_index)
     hidden2d = hidden.reshape(-1, width)
     labels1d = labels.reshape(-1).long()
     rows = chunk_size or choose_chunk_size(hidden2d.shape[0], vocab, hidden.device)
@@ -333,7 +334,8 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
                 g, wpos, pos = bent
                 dz = dz.float()
                 dz.sub_(_batch_entropy_dz(p, g[pos[s:e]], wpos[s:e], cfg.temperature), alpha=cfg.batch_entropy_coef)
-            grads.add(s, e, dz.to(h.dtype), h, weight)
+            # masked rows have dz = 0; their hidden states are selected out of grad_W too (NaN there: 0·NaN)
+            grads.add(s, e, dz.to(h.dtype), torch.where((wts[s:e] > 0)[:, None], h, 0.0), weight)
     return total, lp, ent, kl
 
 
@@ -385,12 +387,12 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
     _check_linear(hidden, weight, bias, chunk_size)
     vocab, width = weight.shape
     shape = hidden.shape[:-1]
-    _check_same("mask", mask, shape, hidden.device)
-    _check_labels("labels", labels, (*shape, vocab), mask=mask)
+    _check_mask("mask", mask, shape, hidden.device)
     _check_same("labels", labels, shape, hidden.device)
+    _check_labels("labels", labels, (*shape, vocab), mask=mask)
     for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        _check_float(name, t)
         _check_same(name, t, shape, hidden.device)
+        _check_first(name, t)
     if cfg.batch_entropy_coef and hidden.dim() != 3:
         raise ValueError(f"hidden: batch_entropy_coef needs 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
 
