@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastrlhf as F
-from fastrlhf import ref
+from fastrlhf import ops, ref
 from fastrlhf.kernels import policy_loss as P
 from fastrlhf.kernels import token_logprobs as K
 
@@ -92,13 +92,19 @@ def test_loss_and_grad_against_float64(monkeypatch, kw, dtype):
     loss_t, out_t, grad_t = _run("triton", x, labels, mask, adv, old, ref_lp, kw, upstream)
     assert grad_t.dtype == dtype and loss_t.dtype == torch.float32
     m = mask.bool()
-    floor_g = 1e-6 + EPS[dtype] * x64.grad.abs().max().item()
-    pairs = [(loss_t, loss_r, loss64, 1e-5), (grad_t, grad_r, x64.grad, floor_g),
-             (out_t["logprobs"][m], out_r["logprobs"][m], lp64[m], 1e-5),
-             (out_t["entropy"], out_r["entropy"], ent64, 1e-5), (out_t["kl"][m], out_r["kl"][m], kl64[m], 1e-5)]
-    for fast, slow, exact, floor in pairs:
+    # float32 noise only (the 2× rule), but one more bf16 step where the interpreter's fp32 -> bf16 cast
+    # truncates (triton/runtime/interpreter.py `_convert_float` without a rounding mode; compiled kernels
+    # and torch round to nearest)
+    interpreted_bf16 = dtype == torch.bfloat16 and ops._interpreting()
+    floor_g = (EPS[dtype] if interpreted_bf16 else 1e-7) * max(1.0, x64.grad.abs().max().item())
+    g_max = x64.grad.abs().max().item()
+    pairs = [(loss_t, loss_r, loss64, 1e-5, 1e-3), (grad_t, grad_r, x64.grad, floor_g, 1e-3 + EPS[dtype] * g_max),
+             (out_t["logprobs"][m], out_r["logprobs"][m], lp64[m], 1e-5, 1e-3),
+             (out_t["entropy"], out_r["entropy"], ent64, 1e-5, 1e-3),
+             (out_t["kl"][m], out_r["kl"][m], kl64[m], 1e-5, 1e-3)]
+    for fast, slow, exact, floor, sane in pairs:
         e_ref, e_fast = _max_err(slow, exact), _max_err(fast, exact)
-        assert e_ref <= 1e-3 + floor, "reference too far from float64"
+        assert e_ref <= sane + floor, "reference too far from float64"
         assert e_fast <= 2 * e_ref + floor, (e_fast, e_ref)
     for key in ("clip_frac", "approx_kl", "entropy_mean", "kl_mean", "num_tokens", "nonfinite_tokens"):
         torch.testing.assert_close(out_t[key].double(), out_r[key].double(), atol=1e-4, rtol=1e-4)
