@@ -128,8 +128,11 @@ class _Grads:
 # On the torch backend the fused path runs this in-place version of the reference row core: two
 # float32 [rows, V] buffers reused by every chunk (the reference allocates ~6 fresh ones per chunk;
 # on the CPU every fresh buffer costs page faults, which made the fused path 2.5× slower than
-# materialized logits at the CPU target shape N=4096, H=256, V=65536). Logits are finite here (they come out of a
-# GEMM), so the reference's −inf handling is not needed.
+# materialized logits at the CPU target shape N=4096, H=256, V=65536). Only the softmax statistics are
+# written here (into the buffers); the per-token loss and its derivatives are `ref.token_loss_grads` and
+# dz is `ref.row_grad_`, the reference's own functions. Logits come out of a GEMM, so no −inf logit
+# needs the reference's 0·log 0 handling; a NaN row (NaN hidden states) can only be a masked one, and
+# row_grad_ selects its gradient to 0.
 
 class _TorchRows:
     def __init__(self, rows, vocab, device):
