@@ -131,8 +131,8 @@ class _Grads:
 # materialized logits at the CPU target shape N=4096, H=256, V=65536). Only the softmax statistics are
 # written here (into the buffers); the per-token loss and its derivatives are `ref.token_loss_grads` and
 # dz is `ref.row_grad_`, the reference's own functions. Logits come out of a GEMM, so no −inf logit
-# needs the reference's 0·log 0 handling; a NaN row (NaN hidden states) can only be a masked one, and
-# row_grad_ selects its gradient to 0.
+# needs the reference's 0·log 0 handling; a masked row of NaN (NaN hidden states) gets a gradient of 0,
+# selected by row_grad_, and its hidden states are selected out of grad_W (`_policy_pass`).
 
 class _TorchRows:
     def __init__(self, rows, vocab, device):
