@@ -6,6 +6,7 @@ from .fused_linear import fused_linear_logprobs, fused_linear_policy_loss
 from .generation import Generation, generate
 from .info import info
 from .ops import (
+    LossConfig,
     apa_policy_loss,
     batch_entropy,
     gae,
@@ -24,7 +25,7 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Generation", "fused_linear_logprobs", "fused_linear_policy_loss", "generate", "info", "apa_policy_loss", "batch_entropy", "gae", "kl_penalty", "logprobs_and_entropy",
+    "Generation", "LossConfig", "fused_linear_logprobs", "fused_linear_policy_loss", "generate", "info", "apa_policy_loss", "batch_entropy", "gae", "kl_penalty", "logprobs_and_entropy",
     "policy_loss_from_logits", "ppo_policy_loss", "sample_tokens", "token_entropy", "token_logprobs",
     "use_backend", "value_loss", "whiten",
 ]

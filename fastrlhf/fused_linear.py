@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import ops, ref
-from .ops import _check_float, _check_labels, _check_same
+from .ops import _check_first, _check_float, _check_labels, _check_mask, _check_same
 
 # One float32 [rows, V] buffer of the row core fits in this budget (the torch row core holds 2 such
 # buffers plus short-lived [rows] vectors, so a CPU chunk costs ~32 MiB whatever N is; measured peak
@@ -63,15 +63,16 @@ def choose_chunk_size(n_tokens: int, vocab: int, device: torch.device) -> int:
 
 
 def _check_linear(hidden, weight, bias, chunk_size):
-    _check_float("hidden", hidden)
+    """Shapes, dtypes and devices only (no value is read)."""
+    _check_first("hidden", hidden)
     _check_float("weight", weight)
     if hidden.dim() < 1:
         raise ValueError("hidden: expected shape [..., H], got a 0-dim tensor")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]), "
-                         f"got {tuple(weight.shape)}")
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected a tensor on {hidden.device} (like hidden), got {weight.device}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]) with a vocabulary "
+                         f"of V >= 1 tokens, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (like hidden), got {weight.dtype}")
     if bias is not None:
@@ -127,8 +128,11 @@ class _Grads:
 # On the torch backend the fused path runs this in-place version of the reference row core: two
 # float32 [rows, V] buffers reused by every chunk (the reference allocates ~6 fresh ones per chunk;
 # on the CPU every fresh buffer costs page faults, which made the fused path 2.5× slower than
-# materialized logits at the CPU target shape N=4096, H=256, V=65536). Logits are finite here (they come out of a
-# GEMM), so the reference's −inf handling is not needed.
+# materialized logits at the CPU target shape N=4096, H=256, V=65536). Only the softmax statistics are
+# written here (into the buffers); the per-token loss and its derivatives are `ref.token_loss_grads` and
+# dz is `ref.row_grad_`, the reference's own functions. Logits come out of a GEMM, so no −inf logit
+# needs the reference's 0·log 0 handling; a masked row of NaN (NaN hidden states) gets a gradient of 0,
+# selected by row_grad_, and its hidden states are selected out of grad_W (`_policy_pass`).
 
 class _TorchRows:
     def __init__(self, rows, vocab, device):
@@ -177,25 +181,10 @@ class _TorchRows:
 
     @staticmethod
     def grad(state, g_lp, g_ent, temperature):
-        """dz = (gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ p z)) / τ, float32 [n, V], written over z.
-        Rows whose label is ignored have ℓ ≡ 0, so their gℓ is dropped."""
+        """dz [n, V] float32 written over the z buffer: `ref.row_grad_`, the reference's formula, on this
+        core's buffers (z − Σ p z is formed in place over z − max z)."""
         z, p, pz, valid, safe = state
-        g_lp = torch.where(valid, g_lp, torch.zeros_like(g_lp))
-        dz = z.sub_(pz[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None]).mul_(p).neg_()
-        dz.scatter_add_(-1, safe[:, None], g_lp[:, None])
-        return dz.div_(temperature) if temperature != 1.0 else dz
-
-
-def _token_grads(lp, ent, wts, adv, old, ref_lp, cfg):
-    """The per-token part of ref.policy_rows, [n] float32: (Σ w·loss, KL, ∂Σw·loss/∂ℓ, ∂/∂H)."""
-    with torch.enable_grad():
-        lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
-        per_token, kl, _ = ref.token_loss(lp_, ent_, old, ref_lp, adv, wts > 0, cfg)
-        total = (wts * per_token).sum()
-        g_lp, g_ent = torch.autograd.grad(total, (lp_, ent_), allow_unused=True)
-    zeros = torch.zeros_like(lp)
-    return (total.detach(), kl.detach(), zeros if g_lp is None else g_lp,
-            zeros if g_ent is None else g_ent)
+        return ref.row_grad_(z.sub_(pz[:, None]), p, g_lp, g_ent, valid, safe, temperature)
 
 
 # ----------------------------------------------------------------------------
@@ -272,8 +261,8 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     _check_linear(hidden, weight, bias, chunk_size)
     ops._check_temperature(temperature)
     vocab, width = weight.shape
-    _check_labels("labels", labels, (*hidden.shape[:-1], vocab), ignore_index)
     _check_same("labels", labels, hidden.shape[:-1], hidden.device)
+    _check_labels("labels", labels, (*hidden.shape[:-1], vocab), ignore_index)
     hidden2d = hidden.reshape(-1, width)
     labels1d = labels.reshape(-1).long()
     rows = chunk_size or choose_chunk_size(hidden2d.shape[0], vocab, hidden.device)
@@ -290,7 +279,7 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 # Policy loss: gradients computed in forward, chunk by chunk; backward is a scale
 # ----------------------------------------------------------------------------
 
-def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
+def _batch_entropy_and_g(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
     """First pass of batch entropy. wpos [N] = m_bt/Σ_b m_bt, pos [N] = t of each row.
     Returns (H_batch scalar, g [T, V] fp32) with g_v = −(log p̄_{t,v} + 1)/n_pos (README, "Batch entropy")."""
     n, vocab = hidden2d.shape[0], weight.shape[0]
@@ -300,7 +289,8 @@ def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
         for s in range(0, n, rows):
             e = min(n, s + rows)
             _, p, _, _ = torch_rows.softmax(hidden2d[s:e], weight, bias, temperature)
-            pbar.index_add_(0, pos[s:e], p.mul_(wpos[s:e, None]))
+            w = wpos[s:e, None]
+            pbar.index_add_(0, pos[s:e], p.mul_(w).masked_fill_(w == 0, 0.0))    # masked rows selected out
     n_pos = (torch.zeros(T, device=wpos.device).index_add_(0, pos, wpos) > 0).sum().float().clamp_min(1.0)
     logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
     h_batch = -(pbar * logp).sum() / n_pos
@@ -310,9 +300,10 @@ def _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
 
 def _batch_entropy_dz(p, g_rows, w_rows, temperature):
     """∂H_batch/∂x for one chunk: w·p·(g − Σ_u p_u g_u)/τ with p = softmax(x/τ) [n, V] float32,
-    g_rows [n, V] (a fresh gather, overwritten), w_rows [n]."""
+    g_rows [n, V] (a fresh gather, overwritten), w_rows [n]; exactly 0 (selected) on masked rows (w = 0)."""
     pg = torch.bmm(p[:, None, :], g_rows[:, :, None]).view(-1, 1)
-    return g_rows.sub_(pg).mul_(p).mul_(w_rows[:, None] / temperature)
+    w = w_rows[:, None]
+    return g_rows.sub_(pg).mul_(p).mul_(w / temperature).masked_fill_(w == 0, 0.0)
 
 
 def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, rows, bent, grads):
@@ -330,8 +321,8 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
             h = hidden2d[s:e]
             if torch_rows is not None:
                 lp[s:e], ent[s:e], _, state = torch_rows.stats(h, weight, bias, labels[s:e], cfg.temperature, -100)
-                t, kl[s:e], g_lp, g_ent = _token_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e], old[s:e],
-                                                       ref_lp[s:e], cfg)
+                t, kl[s:e], g_lp, g_ent = ref.token_loss_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e], old[s:e],
+                                                               ref_lp[s:e], cfg)
                 dz = None if grads is None else torch_rows.grad(state, g_lp, g_ent, cfg.temperature)
                 p = state[1]
             else:
@@ -346,7 +337,8 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
                 g, wpos, pos = bent
                 dz = dz.float()
                 dz.sub_(_batch_entropy_dz(p, g[pos[s:e]], wpos[s:e], cfg.temperature), alpha=cfg.batch_entropy_coef)
-            grads.add(s, e, dz.to(h.dtype), h, weight)
+            # masked rows have dz = 0; their hidden states are selected out of grad_W too (NaN there: 0·NaN)
+            grads.add(s, e, dz.to(h.dtype), torch.where((wts[s:e] > 0)[:, None], h, 0.0), weight)
     return total, lp, ent, kl
 
 
@@ -377,31 +369,33 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
 
 def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs, *,
-                             bias=None, chunk_size=None, algo="ppo", temperature=1.0, clip_low=0.2,
+                             bias=None, chunk_size=None, config=None, algo="ppo", temperature=1.0, clip_low=0.2,
                              clip_high=0.2, dual_clip=None, adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0,
                              kl_estimator="k3", batch_entropy_coef=0.0, accum_fp32=None):
     """`policy_loss_from_logits(hidden @ weightᵀ + bias, ...)` without holding the [N, V] logits.
 
     hidden [..., H] (batch entropy needs [B, T, H]), weight [V, H], bias [V] or None; labels, mask,
-    advantages, old/ref log-probs [...]. Same knobs, value and gradients (w.r.t. hidden, weight,
-    bias) as `fastrlhf.policy_loss_from_logits`; returns (loss, out) with the same `out`.
+    advantages, old/ref log-probs [...]. Same knobs (keywords, or a ready `config=LossConfig(...)` with
+    the keywords left at their defaults), value and gradients (w.r.t. hidden, weight, bias) as
+    `fastrlhf.policy_loss_from_logits`; returns (loss, out) with the same `out`. Advantages and old/ref
+    log-probs are constants (rollout data): no gradient flows to them.
     Gradients are computed during the forward pass (3 GEMMs per chunk) and only scaled in backward,
     so backward can run once per call. chunk_size: tokens per chunk (None: `choose_chunk_size`).
     accum_fp32: accumulate grad_W in float32 (None: when V ≥ 250k; always when weight is float32).
     """
-    cfg = ops.make_loss_config(algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                               dual_clip=dual_clip, adv_coeff=adv_coeff, entropy_coef=entropy_coef,
-                               kl_coef=kl_coef, kl_estimator=kl_estimator,
-                               batch_entropy_coef=batch_entropy_coef)
+    cfg = ref.loss_config(config, dict(
+        algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        adv_coeff=adv_coeff, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        batch_entropy_coef=batch_entropy_coef))
     _check_linear(hidden, weight, bias, chunk_size)
     vocab, width = weight.shape
     shape = hidden.shape[:-1]
-    _check_same("mask", mask, shape, hidden.device)
-    _check_labels("labels", labels, (*shape, vocab), mask=mask)
+    _check_mask("mask", mask, shape, hidden.device)
     _check_same("labels", labels, shape, hidden.device)
+    _check_labels("labels", labels, (*shape, vocab), mask=mask)
     for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        _check_float(name, t)
         _check_same(name, t, shape, hidden.device)
+        _check_first(name, t)
     if cfg.batch_entropy_coef and hidden.dim() != 3:
         raise ValueError(f"hidden: batch_entropy_coef needs 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
 
@@ -411,7 +405,7 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
     wts = m / m.sum().clamp_min(1.0)                                     # w_t = m_t / Σ m
     labels1d = labels.reshape(-1).long()
     labels1d = torch.where(m > 0, labels1d, torch.full_like(labels1d, -100))
-    per_token = [t.reshape(-1).float() for t in (advantages, old_logprobs, ref_logprobs)]
+    per_token = [t.reshape(-1).float().detach() for t in (advantages, old_logprobs, ref_logprobs)]   # constants
     rows = chunk_size or choose_chunk_size(n, vocab, hidden.device)
     needs = _needs(hidden, weight, bias)
 
@@ -421,7 +415,7 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
         count = mask.float().sum(0)                                       # Σ_b m_bt [T]
         wpos = (mask.float() / count.clamp_min(1.0)).reshape(-1)          # m_bt / Σ_b m_bt [N]
         pos = torch.arange(T, device=hidden.device).repeat(B)             # t of row b·T + t
-        h_batch, g = _batch_mean_probs(hidden2d, weight, bias, wpos, pos, T, cfg.temperature, rows)
+        h_batch, g = _batch_entropy_and_g(hidden2d, weight, bias, wpos, pos, T, cfg.temperature, rows)
         bent = (g, wpos, pos)
 
     if any(needs):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import math
 import numbers
 import os
 import warnings
@@ -22,8 +21,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import ref
-from .ref import ALGOS, KL_ESTIMATORS, LossConfig
+from . import checks, ref
+from .checks import MIN_TEMPERATURE
+from .checks import choice as _check_choice
+from .checks import number as _number
+from .checks import temperature as _check_temperature
+from .ref import KL_ESTIMATORS, LossConfig
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -118,11 +121,6 @@ def impl(op: str, device: torch.device) -> Callable:
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# The smallest normal float32, 2^-126 ≈ 1.18e-38. The kernels divide by the temperature in float32, where
-# a smaller τ is subnormal (1e-45 is stored as 1.4e-45, anything under 7.1e-46 as 0) and 1/τ overflows
-# from 2^-128 down.
-MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
-
 
 def _check_tensor(name, t):
     """A tensor with data (not on the meta device, whose values cannot be read or computed)."""
@@ -198,39 +196,19 @@ def _check_mask(name, mask, shape, device):
                          f"got {mask[bad][0].item()!r}")
 
 
-def _number(name, value, expected, ok, *, none_ok=False):
-    """`value` as a float: a real number (not a bool or a string), finite, with ok(value); None passes
-    when none_ok. Else ValueError naming the knob, what was expected and the actual value."""
-    if value is None and none_ok:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected {'None or ' if none_ok else ''}a finite number, got {value!r}")
-    if not ok(value):
-        raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    return float(value)
-
-
-def _check_temperature(temperature, *, greedy_ok=False):
-    """τ of softmax(x/τ): a finite number >= MIN_TEMPERATURE; where greedy_ok (sampling), 0 too (the
-    untempered greedy draw). Returns it as a float."""
-    t = _number("temperature", temperature, "a number >= 0" if greedy_ok else "a finite number > 0",
-                (lambda v: v >= 0) if greedy_ok else (lambda v: v > 0))
-    if 0 < t < MIN_TEMPERATURE:
-        raise ValueError(f"temperature: expected {'0 or ' if greedy_ok else ''}a number >= {MIN_TEMPERATURE} "
-                         f"(the smallest normal float32: the kernels divide by τ in float32, where a smaller "
-                         f"τ is rounded or 0 and 1/τ overflows), got {temperature!r}")
-    return t
+def _check_logits(logits, dims="[..., V]"):
+    """Logits of a loss op: floating, with data, at least [V], V >= 1 (an empty vocabulary has no softmax).
+    Shapes only: no value is read."""
+    _check_first("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError(f"logits: expected shape {dims}, got a 0-dim tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits: expected a vocabulary of V >= 1 tokens {dims}, got shape {tuple(logits.shape)}")
 
 
 def _check_unit_interval(name, value):
     """gamma, lam of GAE: a finite number in [0, 1]."""
     return _number(name, value, "a number in [0, 1]", lambda v: 0 <= v <= 1)
-
-
-def _check_choice(name, value, choices):
-    if not (isinstance(value, str) and value in choices):
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
 
 
 def _check_top_k(top_k):
@@ -258,10 +236,10 @@ def logprobs_and_entropy(logits, labels, *, temperature=1.0, ignore_index=-100):
     """logits [..., V], labels [...] -> (log p(label), entropy), both float32 [...], in one pass.
 
     The log-prob is 0 where labels == ignore_index. Differentiable w.r.t. logits."""
-    _check_float("logits", logits)
+    _check_logits(logits)
     _check_temperature(temperature)
-    _check_labels("labels", labels, logits.shape, ignore_index)
     _check_same("labels", labels, logits.shape[:-1], logits.device)
+    _check_labels("labels", labels, logits.shape, ignore_index)
     fn = impl("logprobs_and_entropy", logits.device)
     return fn(logits, labels, temperature=temperature, ignore_index=ignore_index)
 
@@ -273,7 +251,7 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
 
 def token_entropy(logits, *, temperature=1.0):
     """logits [..., V] -> entropy of softmax(logits/τ), float32 [...]."""
-    _check_float("logits", logits)
+    _check_logits(logits)
     labels = torch.full(logits.shape[:-1], -100, dtype=torch.long, device=logits.device)
     return logprobs_and_entropy(logits, labels, temperature=temperature)[1]
 
@@ -287,25 +265,29 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     return ref.kl_penalty(logprobs, ref_logprobs, estimator)
 
 
-def _check_token_tensors(first_name, first, **others):
-    _check_float(first_name, first)
+def _check_token_tensors(first_name, first, mask, **others):
+    """Per-token tensors of one shape on one device: `first` and `others` floating with data, `mask` 0/1."""
+    _check_first(first_name, first)
     for name, t in others.items():
         _check_same(name, t, first.shape, first.device)
+        _check_first(name, t)
+    _check_mask("mask", mask, first.shape, first.device)
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
-    """Clipped PPO surrogate, masked mean over all tokens -> (loss, stats)."""
-    _check_token_tensors("logprobs", logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
-    return ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
-                               clip_high=clip_high, dual_clip=dual_clip)
+    """Clipped PPO surrogate, masked mean over all tokens -> (loss, stats). Masked positions may hold
+    anything (NaN, inf): they reach neither the loss, the statistics nor the gradient."""
+    _check_token_tensors("logprobs", logprobs, mask, old_logprobs=old_logprobs, advantages=advantages)
+    return ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=checks.clip_low(clip_low),
+                               clip_high=checks.clip_high(clip_high), dual_clip=checks.dual_clip(dual_clip))
 
 
 def apa_policy_loss(logprobs, ref_logprobs, advantages, mask, *, adv_coeff=10.0):
-    """APA loss (ℓ − ℓ_ref − adv_coeff·A)², masked mean -> (loss, stats)."""
-    _check_token_tensors("logprobs", logprobs, ref_logprobs=ref_logprobs, advantages=advantages, mask=mask)
-    return ref.apa_policy_loss(logprobs, ref_logprobs, advantages, mask, adv_coeff=adv_coeff)
+    """APA loss (ℓ − ℓ_ref − adv_coeff·A)², masked mean -> (loss, stats). Masked positions may hold
+    anything (NaN, inf): they reach neither the loss, the statistics nor the gradient."""
+    _check_token_tensors("logprobs", logprobs, mask, ref_logprobs=ref_logprobs, advantages=advantages)
+    return ref.apa_policy_loss(logprobs, ref_logprobs, advantages, mask,
+                               adv_coeff=checks.coefficient("adv_coeff", adv_coeff))
 
 
 def value_loss(values, old_values, returns, mask, *, clip=0.2):
@@ -324,66 +306,52 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2):
 
 def batch_entropy(logits, mask, *, temperature=1.0):
     """logits [B, T, V], mask [B, T] -> H_batch, the mean over positions of the entropy of the
-    batch-mean distribution (README, "Batch entropy"). Scalar float32, differentiable."""
-    _check_float("logits", logits)
-    _check_temperature(temperature)
+    batch-mean distribution (README, "Batch entropy"). Scalar float32, differentiable. Masked rows may
+    hold anything (NaN too): they reach neither H_batch nor the gradient (0 there)."""
+    _check_logits(logits, "[B, T, V]")
+    temperature = _check_temperature(temperature)
     if logits.dim() != 3:
         raise ValueError(f"logits: expected 3 dims [B, T, V], got shape {tuple(logits.shape)}")
-    _check_same("mask", mask, logits.shape[:2], logits.device)
+    _check_mask("mask", mask, logits.shape[:2], logits.device)
     return impl("batch_entropy", logits.device)(logits, mask, temperature=temperature)
 
 
-def make_loss_config(*, algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                     adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
-                     batch_entropy_coef=0.0) -> LossConfig:
-    """Checked `LossConfig` from the keyword knobs of the policy-loss calls."""
-    if algo not in ALGOS:
-        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    _check_temperature(temperature)
-    if not 0 <= clip_low < 1:
-        raise ValueError(f"clip_low: expected 0 <= clip_low < 1, got {clip_low!r}")
-    if not clip_high >= 0:
-        raise ValueError(f"clip_high: expected clip_high >= 0, got {clip_high!r}")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
-    return LossConfig(algo=algo, temperature=float(temperature), clip_low=float(clip_low),
-                      clip_high=float(clip_high), dual_clip=None if dual_clip is None else float(dual_clip),
-                      adv_coeff=float(adv_coeff), entropy_coef=float(entropy_coef), kl_coef=float(kl_coef),
-                      kl_estimator=kl_estimator, batch_entropy_coef=float(batch_entropy_coef))
-
-
-def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, *, algo="ppo",
-                            temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None, adv_coeff=10.0,
-                            entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3", batch_entropy_coef=0.0,
-                            inplace=False):
+def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, *, config=None,
+                            algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                            adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
+                            batch_entropy_coef=0.0, inplace=False):
     """The one call a trainer needs per micro-batch.
 
     logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
     loss = masked mean over tokens of (policy loss ("ppo" or "apa") + kl_coef·KL − entropy_coef·H)
            − batch_entropy_coef·H_batch.
-    Returns (loss, out): out has detached per-token `logprobs`, `entropy`, `kl` and scalar stats
-    (`clip_frac`, `approx_kl`, `entropy_mean`, `kl_mean`, `num_tokens`, `nonfinite_tokens`, ...).
+    The knobs are those of `LossConfig`: pass them as keywords, or a ready `config=LossConfig(...)` (then
+    the keywords must stay at their defaults). Returns (loss, out): out has detached per-token `logprobs`,
+    `entropy`, `kl` and scalar stats (`clip_frac`, `approx_kl`, `entropy_mean`, `kl_mean`, `num_tokens`,
+    `nonfinite_tokens`, ...). Masked positions may hold anything (NaN logits, advantages, old/ref
+    log-probs): they reach neither the loss, the stats nor the gradient (0 there).
     The logits gradient is computed in the forward pass; inplace=True writes it over `logits` (saves one
     [N, V] buffer; `logits` must be contiguous and is garbage afterwards; not with batch_entropy_coef).
+    Differentiable w.r.t. logits only: advantages and old/ref log-probs are constants (rollout data) on
+    the Triton path; the torch reference gives their autograd gradients.
     """
-    cfg = make_loss_config(algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-                           dual_clip=dual_clip, adv_coeff=adv_coeff, entropy_coef=entropy_coef,
-                           kl_coef=kl_coef, kl_estimator=kl_estimator, batch_entropy_coef=batch_entropy_coef)
-    _check_float("logits", logits)
+    cfg = ref.loss_config(config, dict(
+        algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        adv_coeff=adv_coeff, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        batch_entropy_coef=batch_entropy_coef))
+    _check_logits(logits)
     shape = logits.shape[:-1]
-    _check_same("mask", mask, shape, logits.device)
-    _check_labels("labels", labels, logits.shape, mask=mask)
+    _check_mask("mask", mask, shape, logits.device)
     _check_same("labels", labels, shape, logits.device)
+    _check_labels("labels", labels, logits.shape, mask=mask)
     for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        _check_float(name, t)
         _check_same(name, t, shape, logits.device)
-    if batch_entropy_coef and logits.dim() != 3:
+        _check_first(name, t)
+    if cfg.batch_entropy_coef and logits.dim() != 3:
         raise ValueError(f"logits: batch_entropy_coef needs 3 dims [B, T, V], got shape {tuple(logits.shape)}")
-    if inplace and batch_entropy_coef:
-        raise ValueError(f"inplace: expected False with batch_entropy_coef={batch_entropy_coef} (batch entropy "
-                         f"re-reads the logits in backward), got True")
+    if inplace and cfg.batch_entropy_coef:
+        raise ValueError(f"inplace: expected False with batch_entropy_coef={cfg.batch_entropy_coef} (batch "
+                         f"entropy re-reads the logits in backward), got True")
     if inplace and not logits.is_contiguous():
         raise ValueError(f"inplace: expected contiguous logits, got strides {logits.stride()}")
     fn = impl("policy_loss_from_logits", logits.device)
@@ -407,12 +375,12 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     return impl("gae", rewards.device)(rewards, values, mask, gamma=gamma, lam=lam)
 
 
-def whiten(x, mask, *, shift_mean=True):
+def whiten(x, mask):
     """Masked whitening over valid tokens; safe with 0 or 1 valid token. Masked positions may hold
     anything (NaN too): they reach neither the statistics nor the gradient, and come out 0."""
     _check_first("x", x)
     _check_mask("mask", mask, x.shape, x.device)
-    return ref.whiten(x, mask, shift_mean=shift_mean)
+    return ref.whiten(x, mask)
 
 
 def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None):

@@ -17,10 +17,13 @@ chunked over rows (``_row_chunks``) so that no float32 copy of the whole
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from . import checks
 
 # Rows per chunk are picked so one float32 chunk of [rows, V] is at most this many bytes.
 CHUNK_BYTES = 64 * 2**20
@@ -37,35 +40,40 @@ def _row_chunks(n_rows: int, vocab: int):
 # ----------------------------------------------------------------------------
 
 def _row_stats_chunk(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
-    """x [n, V] any float dtype, labels [n] int64 -> (ℓ [n], H [n], p [n, V], p log p [n, V], valid [n]),
+    """x [n, V] any float dtype, labels [n] int64 -> (ℓ [n], H [n], p [n, V], z − Σ p z [n, V], valid [n]),
     float32.
 
-    log p = log_softmax(x/τ), H = −Σ p log p (equal to lse − Σ p z). log p is clamped at the float32
-    minimum before the product so that 0·log 0 = 0 at −inf logits (a masked vocabulary), while a NaN row
-    stays NaN. ℓ is 0 where labels == ignore_index (or is out of [0, V), which callers have already
-    restricted to masked positions).
+    log p = log_softmax(x/τ), H = −Σ p log p (equal to lse − Σ p z), z − Σ p z = log p + H. log p is
+    taken as 0 where p = 0 before the product, so that 0·log 0 = 0 at −inf logits (a masked vocabulary)
+    and z − Σ p z stays finite there, while a NaN row stays NaN. ℓ is 0 where labels == ignore_index (or
+    is out of [0, V), which callers have already restricted to masked positions).
     """
     logp = torch.log_softmax(x.float() / temperature, dim=-1)
     valid = (labels >= 0) & (labels < x.shape[-1]) & (labels != ignore_index)
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     logprob = torch.where(valid, logp.gather(-1, safe[:, None]).squeeze(-1), torch.zeros((), device=x.device))
     p = logp.exp()
-    plogp = logp.clamp_(min=torch.finfo(torch.float32).min).mul_(p)     # in place: logp is not needed again
-    entropy = -plogp.sum(-1)
-    return logprob, entropy, p, plogp, valid
+    logp.masked_fill_(p == 0, 0.0)
+    entropy = -(p * logp).sum(-1)
+    return logprob, entropy, p, logp.add_(entropy[:, None]), valid      # in place: log p is not needed again
 
 
-def _row_grad_chunk(p, plogp, entropy, labels, valid, g_logprob, g_entropy, temperature):
-    """dz for one chunk, float32 [n, V]: (gℓ·(onehot(y) − p) + gH·(−p ⊙ (z − Σpz))) / τ,
-    with z − Σ p z = log p + H, so dz·τ = −(gℓ + gH·H)·p − gH·p log p + gℓ·onehot(y).
+def row_grad_(zc, p, g_logprob, g_entropy, valid, labels, temperature):
+    """dz = ∂(Σ gℓ·ℓ + gH·H)/∂x for one chunk of rows, float32 [n, V], written over zc:
 
-    Rows whose label is ignored have ℓ ≡ 0, so their gℓ is dropped."""
+        dz·τ = gℓ·(onehot(y) − p) − gH·p ⊙ (z − Σ_u p_u z_u)      (README, "Losses")
+
+    zc [n, V] = z − Σ p z (finite where p = 0), p [n, V] = softmax(z); g_logprob, g_entropy, valid,
+    labels [n]. Rows whose label is ignored (valid = 0) have ℓ ≡ 0, so their gℓ is dropped; rows with
+    gℓ = gH = 0 (masked tokens) get exactly 0, selected, so that NaN logits there stay out of the
+    gradient. The one formula of the torch row cores (this file and fastrlhf/fused_linear.py's `_TorchRows`,
+    which hands in its own reused buffers)."""
     g_logprob = torch.where(valid, g_logprob, torch.zeros_like(g_logprob))
-    grad = plogp * -g_entropy[:, None]
-    grad.sub_(p * (g_logprob + g_entropy * entropy)[:, None])
+    dz = zc.mul_(g_entropy[:, None]).add_(g_logprob[:, None]).mul_(p).neg_()
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    grad.scatter_add_(-1, safe[:, None], g_logprob[:, None])
-    return grad.div_(temperature)
+    dz.scatter_add_(-1, safe[:, None], g_logprob[:, None])
+    dz.masked_fill_(((g_logprob == 0) & (g_entropy == 0))[:, None], 0.0)
+    return dz.div_(temperature) if temperature != 1.0 else dz
 
 
 class _RowStats(torch.autograd.Function):
@@ -92,10 +100,9 @@ class _RowStats(torch.autograd.Function):
         g_entropy = zeros if g_entropy is None else g_entropy.float()
         grad = torch.empty_like(logits2d)
         for s, e in _row_chunks(n, v):
-            _, ent, p, plogp, valid = _row_stats_chunk(logits2d[s:e], labels[s:e], ctx.temperature,
-                                                       ctx.ignore_index)
-            grad[s:e] = _row_grad_chunk(p, plogp, ent, labels[s:e], valid, g_logprob[s:e], g_entropy[s:e],
-                                        ctx.temperature).to(grad.dtype)
+            _, _, p, zc, valid = _row_stats_chunk(logits2d[s:e], labels[s:e], ctx.temperature, ctx.ignore_index)
+            grad[s:e] = row_grad_(zc, p, g_logprob[s:e], g_entropy[s:e], valid, labels[s:e],
+                                  ctx.temperature).to(grad.dtype)
         return grad, None, None, None
 
 
@@ -124,7 +131,8 @@ def token_entropy(logits, *, temperature=1.0):
 # ----------------------------------------------------------------------------
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ALGOS = ("ppo", "apa")
+# The per-token policy-loss kinds of `token_loss` (the trainer's --algo ppo-max uses "ppo").
+POLICY_LOSSES = ("ppo", "apa")
 
 
 def masked_mean(x, mask):
@@ -147,11 +155,19 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
+def _select(mask, *tensors):
+    """Each tensor as float32 where the 0/1 mask is 1 and 0 elsewhere: masked positions may hold anything
+    (NaN, inf, −100 as an "ignored" log-prob) and reach neither a value nor a gradient (a product with
+    0 would give NaN, and its gradient 0·∞ too)."""
+    keep = mask.bool()
+    return tuple(torch.where(keep, t.float(), 0.0) for t in tensors)
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
     """Clipped surrogate: ρ = e^{ℓ−ℓ_old}, L = max(−Aρ, −A·clip(ρ, 1−ε_low, 1+ε_high));
     dual clip c > 1: for A < 0, L = min(L, −cA). Masked mean over all tokens."""
-    per_token, stats = _ppo_terms(logprobs.float(), old_logprobs.float(), advantages.float(), mask,
-                                  clip_low, clip_high, dual_clip)
+    lp, old, adv = _select(mask, logprobs, old_logprobs, advantages)
+    per_token, stats = _ppo_terms(lp, old, adv, mask, clip_low, clip_high, dual_clip)
     return masked_mean(per_token, mask), stats
 
 
@@ -164,19 +180,18 @@ def _ppo_terms(lp, old, adv, mask, clip_low, clip_high, dual_clip):
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
     with torch.no_grad():
-        m = mask.float()
         stats = {
-            "clip_frac": masked_mean((clipped > unclipped).float(), m),
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
             # k3 estimate of KL(π_old || π): (ρ − 1) − log ρ
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, m),
-            "ratio_mean": masked_mean(ratio, m),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
 
 
 def apa_policy_loss(logprobs, ref_logprobs, advantages, mask, *, adv_coeff=10.0):
     """APA: per token (ℓ − ℓ_ref − adv_coeff·A)², masked mean (adv_coeff is 1/λ of the paper)."""
-    per_token = _apa_terms(logprobs.float(), ref_logprobs.float(), advantages.float(), adv_coeff)
+    per_token = _apa_terms(*_select(mask, logprobs, ref_logprobs, advantages), adv_coeff)
     with torch.no_grad():
         stats = {"apa_residual": masked_mean(per_token.sqrt(), mask)}
     return masked_mean(per_token, mask), stats
@@ -218,14 +233,14 @@ def _position_chunks(T: int, B: int, V: int):
         yield start, min(T, start + cols)
 
 
-def _batch_mean_probs(x, mask, temperature):
-    """x [B, t, V], mask [B, t] -> (p [B, t, V], z, p̄ [t, V], Σ_b m [t]) float32."""
-    z = x.float() / temperature
-    p = torch.softmax(z, dim=-1)
-    m = mask.float()
-    count = m.sum(0)                                              # [t]
-    pbar = (m[:, :, None] * p).sum(0) / count.clamp_min(1.0)[:, None]
-    return p, z, pbar, count
+def _softmax_and_batch_mean(x, mask, temperature):
+    """x [B, t, V], mask [B, t] -> (p [B, t, V], p̄ [t, V], Σ_b m [t]) float32, p = softmax(x/τ) and
+    p̄ = Σ_b m_b·p_b / Σ_b m_b with masked rows selected out (NaN logits there never reach p̄)."""
+    p = torch.softmax(x.float() / temperature, dim=-1)
+    keep = mask.bool()
+    count = keep.sum(0).float()                                   # [t]
+    pbar = torch.where(keep[:, :, None], p, 0.0).sum(0) / count.clamp_min(1.0)[:, None]
+    return p, pbar, count
 
 
 def _xlogx_sum(pbar):
@@ -244,9 +259,9 @@ class _BatchEntropy(torch.autograd.Function):
     def forward(ctx, logits, mask, temperature):
         B, T, V = logits.shape
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        n_pos = (mask.float().sum(0) > 0).sum().float()
+        n_pos = (mask.bool().sum(0) > 0).sum().float()
         for s, e in _position_chunks(T, B, V):
-            _, _, pbar, count = _batch_mean_probs(logits[:, s:e], mask[:, s:e], temperature)
+            _, pbar, count = _softmax_and_batch_mean(logits[:, s:e], mask[:, s:e], temperature)
             total += torch.where(count > 0, -_xlogx_sum(pbar), torch.zeros_like(count)).sum()
         ctx.save_for_backward(logits, mask, n_pos)
         ctx.temperature = temperature
@@ -258,12 +273,14 @@ class _BatchEntropy(torch.autograd.Function):
         B, T, V = logits.shape
         grad = torch.empty_like(logits)
         for s, e in _position_chunks(T, B, V):
-            p, _, pbar, count = _batch_mean_probs(logits[:, s:e], mask[:, s:e], ctx.temperature)
+            p, pbar, count = _softmax_and_batch_mean(logits[:, s:e], mask[:, s:e], ctx.temperature)
             logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
             g = -(logp + 1.0) / n_pos.clamp_min(1.0) * grad_out.float()       # [t, V]
-            w = mask[:, s:e].float() / count.clamp_min(1.0)                      # [B, t]
+            keep = mask[:, s:e].bool()
+            w = keep.float() / count.clamp_min(1.0)                              # [B, t]
             pg = (p * g[None]).sum(-1, keepdim=True)                              # [B, t, 1]
-            grad[:, s:e] = (w[:, :, None] * p * (g[None] - pg) / ctx.temperature).to(grad.dtype)
+            dz = w[:, :, None] * p * (g[None] - pg) / ctx.temperature
+            grad[:, s:e] = torch.where(keep[:, :, None], dz, 0.0).to(grad.dtype)
         return grad, None, None
 
 
@@ -278,12 +295,14 @@ def batch_entropy(logits, mask, *, temperature=1.0):
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Knobs of `policy_loss_from_logits` (and of the fused linear path)."""
+    """Knobs of `policy_loss_from_logits` (and of the fused linear path), checked once on construction
+    (`fastrlhf.checks`; numbers are stored as floats): the one carrier of these options from the CLI to
+    the kernel launchers, which do not check them again."""
 
     algo: str = "ppo"                 # "ppo" (clipped ratio) or "apa" (squared advantage residual)
     temperature: float = 1.0          # logits are divided by this before the softmax
-    clip_low: float = 0.2             # PPO ratio clip 1 − ε_low
-    clip_high: float = 0.2            # PPO ratio clip 1 + ε_high
+    clip_low: float = 0.2             # PPO ratio clip 1 − ε_low, ε_low in [0, 1)
+    clip_high: float = 0.2            # PPO ratio clip 1 + ε_high, ε_high >= 0
     dual_clip: Optional[float] = None  # PPO dual clip c > 1 for A < 0
     adv_coeff: float = 10.0           # APA 1/λ
     entropy_coef: float = 0.0         # loss −= entropy_coef · mean H
@@ -291,27 +310,71 @@ class LossConfig:
     kl_estimator: str = "k3"
     batch_entropy_coef: float = 0.0   # loss −= batch_entropy_coef · H_batch
 
+    def __post_init__(self):
+        checked = {
+            "algo": checks.choice("algo", self.algo, POLICY_LOSSES),
+            "temperature": checks.temperature(self.temperature),
+            "clip_low": checks.clip_low(self.clip_low),
+            "clip_high": checks.clip_high(self.clip_high),
+            "dual_clip": checks.dual_clip(self.dual_clip),
+            "kl_estimator": checks.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+        }
+        for name in ("adv_coeff", "entropy_coef", "kl_coef", "batch_entropy_coef"):
+            checked[name] = checks.coefficient(name, getattr(self, name))
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+
+def loss_config(config, knobs: dict) -> LossConfig:
+    """The `LossConfig` of a policy-loss call: `config` itself when given (then every keyword knob must be
+    left at its default), else LossConfig(**knobs)."""
+    if config is None:
+        return LossConfig(**knobs)
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config: expected None or a fastrlhf.LossConfig, got {type(config).__name__}")
+    for f in dataclasses.fields(LossConfig):
+        value = knobs[f.name]
+        if not (value is f.default or (not isinstance(value, bool) and value == f.default)):
+            raise ValueError(f"{f.name}: expected the default {f.default!r} when config= is given (set it in "
+                             f"the LossConfig instead), got {value!r}")
+    return config
+
 
 def token_loss(logprobs, entropy, old_logprobs, ref_logprobs, advantages, mask, cfg: LossConfig):
-    """Per-token loss terms (before the masked mean), differentiable w.r.t. logprobs and entropy.
+    """Per-token loss terms (before the masked mean), differentiable w.r.t. every tensor input.
 
-    All [n] float32. Returns (per_token [n], kl [n], stats dict)."""
+    All [n] float32; masked positions may hold anything (selected out: they come out 0 with a 0
+    gradient). Returns (per_token [n], kl [n], stats dict)."""
+    lp, ent, old, ref_lp, adv = _select(mask, logprobs, entropy, old_logprobs, ref_logprobs, advantages)
     if cfg.algo == "ppo":
-        pg, stats = _ppo_terms(logprobs, old_logprobs, advantages, mask, cfg.clip_low, cfg.clip_high,
-                               cfg.dual_clip)
+        pg, stats = _ppo_terms(lp, old, adv, mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
     else:
-        pg = _apa_terms(logprobs, ref_logprobs, advantages, cfg.adv_coeff)
+        pg = _apa_terms(lp, ref_lp, adv, cfg.adv_coeff)
         with torch.no_grad():
-            lr = logprobs - old_logprobs
+            lr = lp - old
             stats = {"clip_frac": torch.zeros((), device=lr.device),
-                     "approx_kl": masked_mean(torch.expm1(lr) - lr, mask.float())}
-    kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+                     "approx_kl": masked_mean(torch.expm1(lr) - lr, mask)}
+    kl = kl_penalty(lp, ref_lp, cfg.kl_estimator)
     per_token = pg
     if cfg.kl_coef:
         per_token = per_token + cfg.kl_coef * kl
     if cfg.entropy_coef:
-        per_token = per_token - cfg.entropy_coef * entropy
+        per_token = per_token - cfg.entropy_coef * ent
     return per_token, kl, stats
+
+
+def token_loss_grads(lp, ent, weight, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
+    """The per-token part of every torch row core, [n] float32 in and out: weight_t = m_t / Σ m ->
+    (total = Σ_t weight_t·loss_t (0-d), kl [n], gℓ = ∂total/∂ℓ [n], gH = ∂total/∂H [n]), by autograd
+    through `token_loss` (torch's tie rules: maximum/minimum split the gradient in half on a tie)."""
+    with torch.enable_grad():
+        lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
+        per_token, kl, _ = token_loss(lp_, ent_, old_logprobs, ref_logprobs, advantages, weight > 0, cfg)
+        total = (weight * per_token).sum()
+        g_lp, g_ent = torch.autograd.grad(total, (lp_, ent_), allow_unused=True)
+    zeros = torch.zeros_like(lp)
+    return (total.detach(), kl.detach(), zeros if g_lp is None else g_lp,
+            zeros if g_ent is None else g_ent)
 
 
 def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
@@ -322,18 +385,11 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
     where dz = ∂(Σ_t weight_t·loss_t)/∂logits: the gradient is known in the forward pass because
     each token's loss depends on its own row only (batch entropy is added separately).
     """
-    lp, ent, p, plogp, valid = _row_stats_chunk(logits2d, labels, cfg.temperature, -100)
-    with torch.enable_grad():
-        lp_ = lp.detach().requires_grad_()
-        ent_ = ent.detach().requires_grad_()
-        per_token, kl, _ = token_loss(lp_, ent_, old_logprobs.float(), ref_logprobs.float(),
-                                      advantages.float(), weight > 0, cfg)
-        total = (weight * per_token).sum()
-        g_lp, g_ent = torch.autograd.grad(total, (lp_, ent_), allow_unused=True)
-    g_lp = torch.zeros_like(lp) if g_lp is None else g_lp
-    g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
-    dz = _row_grad_chunk(p, plogp, ent, labels, valid, g_lp, g_ent, cfg.temperature)
-    return lp, ent, kl.detach(), total.detach(), dz
+    lp, ent, p, zc, valid = _row_stats_chunk(logits2d, labels, cfg.temperature, -100)
+    total, kl, g_lp, g_ent = token_loss_grads(lp, ent, weight, advantages.float(), old_logprobs.float(),
+                                              ref_logprobs.float(), cfg)
+    dz = row_grad_(zc, p, g_lp, g_ent, valid, labels, cfg.temperature)
+    return lp, ent, kl, total, dz
 
 
 class _PolicyLossFromLogits(torch.autograd.Function):
@@ -371,14 +427,25 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     logits [..., V] (batch entropy needs [B, T, V]); the other tensors [...]. Returns (loss, out)
     with out holding detached per-token `logprobs`, `entropy`, `kl` and scalar stats. inplace=True
     writes the logits gradient over `logits` (checked by `fastrlhf.ops`: contiguous logits, no batch entropy).
+    Masked positions may hold anything: selected out of every value and gradient.
+
+    Gradients: w.r.t. the logits, computed in forward (`_PolicyLossFromLogits`). When advantages or
+    old/ref log-probs require grad too, the loss is instead plain autograd through `logprobs_and_entropy`
+    and `token_loss`, which gives their gradients as well (inplace is then not used).
     """
     v = logits.shape[-1]
     m = mask.reshape(-1).float()
     weight = m / m.sum().clamp_min(1.0)
     labels2d = torch.where(m > 0, labels.reshape(-1).long(), torch.full_like(labels.reshape(-1).long(), -100))
-    loss, lp, ent, kl = _PolicyLossFromLogits.apply(
-        logits.reshape(-1, v), labels2d, weight, advantages.reshape(-1).float(),
-        old_logprobs.reshape(-1).float(), ref_logprobs.reshape(-1).float(), cfg, inplace)
+    rollout = [t.reshape(-1).float() for t in (advantages, old_logprobs, ref_logprobs)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (advantages, old_logprobs, ref_logprobs)):
+        lp, ent = _RowStats.apply(logits.reshape(-1, v), labels2d, cfg.temperature, -100)
+        per_token, kl, _ = token_loss(lp, ent, rollout[1], rollout[2], rollout[0], m, cfg)
+        loss = (weight * per_token).sum()
+        lp, ent, kl = lp.detach(), ent.detach(), kl.detach()
+    else:
+        loss, lp, ent, kl = _PolicyLossFromLogits.apply(logits.reshape(-1, v), labels2d, weight, *rollout, cfg,
+                                                        inplace)
     out = _loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask,
                         old_logprobs, ref_logprobs, advantages, cfg)
     if cfg.batch_entropy_coef:
@@ -391,7 +458,8 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
 def _loss_outputs(lp, ent, kl, mask, old_logprobs, ref_logprobs, advantages, cfg):
     """Detached per-token tensors and summary stats shared by every policy-loss path."""
     m = mask.float()
-    _, _, stats = token_loss(lp, ent, old_logprobs.float(), ref_logprobs.float(), advantages.float(), m, cfg)
+    with torch.no_grad():
+        _, _, stats = token_loss(lp, ent, old_logprobs.float(), ref_logprobs.float(), advantages.float(), m, cfg)
     finite = torch.isfinite(lp) & torch.isfinite(ent)
     out = {"logprobs": lp, "entropy": ent, "kl": kl}
     out.update(stats)
@@ -426,7 +494,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     return adv, torch.where(keep, adv + v, 0.0)
 
 
-def whiten(x, mask, *, shift_mean=True, eps=1e-8):
+def whiten(x, mask, *, eps=1e-8):
     """(x − mean)/std over valid tokens only; 0 valid tokens: zeros; 1 valid token: centred
     (variance taken as 1). x is read only where the mask is 1 (padding may hold NaN or inf: it
     reaches neither the statistics nor the gradient); masked positions come out 0."""
@@ -437,8 +505,6 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8):
     var = torch.where(keep, xf - mean, 0.0).pow(2).sum() / (n - 1).clamp_min(1)
     var = torch.where(n > 1, var, torch.ones_like(var))
     out = (xf - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
     return torch.where(keep, out, 0.0).to(x.dtype)
 
 
@@ -482,7 +548,7 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
 
 
 __all__ = [
-    "LossConfig", "ALGOS", "KL_ESTIMATORS", "masked_mean", "logprobs_and_entropy", "token_logprobs",
+    "LossConfig", "POLICY_LOSSES", "loss_config", "KL_ESTIMATORS", "masked_mean", "logprobs_and_entropy", "token_logprobs",
     "token_entropy", "kl_penalty", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_entropy",
     "token_loss", "policy_rows", "policy_loss_from_logits", "gae", "whiten", "sample_tokens",
 ]

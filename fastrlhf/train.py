@@ -351,7 +351,7 @@ def rollout(run: Run, prompts) -> Rollout:
 
 def loss_config(run: Run) -> ops.LossConfig:
     cfg = run.cfg
-    return ops.make_loss_config(
+    return ops.LossConfig(
         algo="apa" if cfg.algo == "apa" else "ppo", temperature=cfg.temperature, clip_low=cfg.cliprange,
         clip_high=cfg.cliprange_high, dual_clip=cfg.dual_clip, adv_coeff=cfg.adv_coeff,
         entropy_coef=cfg.entropy_coef, kl_coef=run.shaping.kl_ctl.value if cfg.kl_in == "loss" else 0.0,
@@ -363,7 +363,7 @@ def policy_forward(hidden, weight, bias, labels, mask, advantages, old_logprobs,
     """The policy loss of one micro-batch from hidden states [B, n, H] -> (loss, out dict), on the
     fused linear path (the [B, n, V] logits are never materialized)."""
     return fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs,
-                                    bias=bias, chunk_size=chunk_size, **dataclasses.asdict(loss_cfg))
+                                    bias=bias, chunk_size=chunk_size, config=loss_cfg)
 
 
 def ptx_loss(run: Run, n: int) -> torch.Tensor:

@@ -14,6 +14,10 @@ maximum/minimum split the gradient in half on a tie, clamp passes it on the clos
     PPO   ρ = e^{ℓ−ℓ_old}, u = −Aρ, c = −A·clip(ρ, 1−ε_lo, 1+ε_hi), pg = max(u, c)
           ∂u = −Aρ, ∂c = −Aρ·[1−ε_lo ≤ ρ ≤ 1+ε_hi]; ∂pg = ∂u (u > c), ∂c (u < c), (∂u + ∂c)/2 (tie)
           dual clip C (A < 0): pg' = min(pg, −CA), ∂pg' = ∂pg (pg < −CA), ∂pg/2 (tie), 0 (pg > −CA)
+          The tie rules matter only at float32 ties: with ρ inside the closed clip interval (its ends
+          included) ∂c = ∂u, so (∂u + ∂c)/2 = ∂u; but −A·ρ and −A·(1+ε_hi) can round to the same float
+          for ρ a few ulps outside, where ∂c = 0 and torch gives ∂u/2; and ρ == C makes −Aρ == −CA exactly.
+          tests/test_policy_loss.py builds both cases.
     APA   r = ℓ − ℓ_ref − adv_coeff·A, pg = r², ∂pg = 2r
     KL    d = ℓ_ref − ℓ: k1 = −d (∂ = 1), k2 = d²/2 (∂ = −d), k3 = e^d − 1 − d (∂ = −(e^d − 1))
 """
@@ -64,10 +68,16 @@ def _policy_rows_kernel(
         lp = tl.where(valid, z_y - lse, 0.0)
         ent = log_s - u / s
         # per-token loss and its derivative w.r.t. ℓ (closed forms in the module docstring)
+        # masked tokens (w = 0): the rollout tensors are not read (0 is selected), so NaN / inf / −100
+        # there reach neither the loss nor the gradient, as in fastrlhf.ref.token_loss
         w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        ref_lp = tl.load(ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        live = row_ok & (w > 0)
+        adv = tl.load(adv_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        ref_lp = tl.load(ref_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        tl.store(lp_ptr + rows, lp, mask=row_ok)
+        tl.store(ent_ptr + rows, ent, mask=row_ok)
+        lp = tl.where(live, lp, 0.0)
         if IS_PPO:
             ratio = tl.exp(lp - old)
             lo = 1.0 - clip_low
@@ -107,10 +117,8 @@ def _policy_rows_kernel(
             loss -= entropy_coef * ent
             g_ent = -entropy_coef * w
         g_lp = tl.where(valid, w * d_lp, 0.0)                              # ℓ ≡ 0 at an ignored label
-        tl.store(lp_ptr + rows, lp, mask=row_ok)
-        tl.store(ent_ptr + rows, ent, mask=row_ok)
         tl.store(kl_ptr + rows, kl, mask=row_ok)
-        tl.store(wloss_ptr + rows, w * loss, mask=row_ok)
+        tl.store(wloss_ptr + rows, tl.where(live, w * loss, 0.0), mask=row_ok)   # H may be NaN where masked
         # pass 2: dz
         if WRITE_GRAD:
             _write_row_grad(x_ptr, dz_ptr, row_off, rows * stride_dz, row_ok, labels, valid, lse, m + u / s,
@@ -142,16 +150,13 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
     total = Σ_t weight_t·loss_t (0-d fp32), dz [n, V]) with dz = ∂total/∂logits2d in logits2d's dtype
     (fp32 accumulation, one rounding at the store; ref returns fp32) or None when write_grad=False.
     `out`: a [n, V] buffer for dz, e.g. logits2d itself to overwrite the logits in place.
+    cfg was checked when it was built (`LossConfig.__post_init__`) and is not checked again here.
     """
     labels = labels.long().contiguous()
     weight, advantages, old_logprobs, ref_logprobs = (
         t.float().contiguous() for t in (weight, advantages, old_logprobs, ref_logprobs))
     logits2d = token_logprobs.check_rows(logits2d, labels=labels, weight=weight, advantages=advantages,
                                          old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
-    if cfg.algo not in ref.ALGOS:
-        raise ValueError(f"cfg.algo: expected one of {ref.ALGOS}, got {cfg.algo!r}")
-    if cfg.kl_estimator not in _KL_CODES:
-        raise ValueError(f"cfg.kl_estimator: expected one of {tuple(_KL_CODES)}, got {cfg.kl_estimator!r}")
     n, v = logits2d.shape
     dz = None
     if write_grad:
@@ -221,6 +226,7 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
     inplace=True writes the logits gradient over the logits buffer (saves one [N, V] buffer; the logits
     are garbage afterwards, so nothing else may need them: not allowed with batch_entropy_coef).
+    Differentiable w.r.t. the logits only: advantages and old/ref log-probs are treated as constants.
     """
     if inplace and cfg.batch_entropy_coef:
         raise ValueError(f"inplace: expected False when cfg.batch_entropy_coef != 0 (batch entropy re-reads the "
@@ -234,9 +240,10 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     weight = m / m.sum().clamp_min(1.0)
     flat_labels = labels.reshape(-1).long()
     labels2d = torch.where(m > 0, flat_labels, torch.full_like(flat_labels, -100))
+    # advantages and old/ref log-probs are constants here (rollout data): detached, no gradient reaches them
     loss, lp, ent, kl = _PolicyLossFromLogits.apply(
-        logits2d, labels2d, weight, advantages.reshape(-1), old_logprobs.reshape(-1), ref_logprobs.reshape(-1),
-        cfg, inplace)
+        logits2d, labels2d, weight, advantages.reshape(-1).detach(), old_logprobs.reshape(-1).detach(),
+        ref_logprobs.reshape(-1).detach(), cfg, inplace)
     out = ref._loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask, old_logprobs,
                             ref_logprobs, advantages, cfg)
     if cfg.batch_entropy_coef:

@@ -131,3 +131,65 @@ def test_gae_rejects_non_prefix_masks():
 def test_sample_tokens_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         F.sample_tokens(torch.randn(2, 7), **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# LossConfig: the one checked carrier of the policy-loss knobs
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,match", [
+    ("algo", "ppo-max", r"algo: expected one of \('ppo', 'apa'\), got 'ppo-max'"),
+    ("kl_estimator", "k4", r"kl_estimator: expected one of \('k1', 'k2', 'k3'\), got 'k4'"),
+    ("temperature", 0.0, "temperature: expected a finite number > 0, got 0.0"),
+    ("temperature", 1e-40, r"temperature: expected a number >= 1.17549\d*e-38"),
+    ("clip_low", 1.0, r"clip_low: expected a number in \[0, 1\), got 1.0"),
+    ("clip_low", -0.5, r"clip_low: expected a number in \[0, 1\), got -0.5"),
+    ("clip_high", -0.1, "clip_high: expected a number >= 0, got -0.1"),
+    ("dual_clip", 1.0, "dual_clip: expected None or a number > 1, got 1.0"),
+    ("dual_clip", float("nan"), "dual_clip: expected None or a finite number, got nan"),
+    ("adv_coeff", "10", "adv_coeff: expected a finite number, got '10'"),
+    ("adv_coeff", float("nan"), "adv_coeff: expected a finite number, got nan"),
+    ("entropy_coef", True, "entropy_coef: expected a finite number, got True"),
+    ("kl_coef", float("inf"), "kl_coef: expected a finite number, got inf"),
+    ("batch_entropy_coef", None, "batch_entropy_coef: expected a finite number, got None"),
+])
+def test_loss_config_checks_each_field_once(field, value, match):
+    """The same message from LossConfig and from every entry point that builds one from keywords."""
+    logits, labels, mask, z = _batch()
+    with pytest.raises(ValueError, match=match):
+        F.LossConfig(**{field: value})
+    with pytest.raises(ValueError, match=match):
+        F.policy_loss_from_logits(logits, labels, mask, z, z, z, **{field: value})
+    with pytest.raises(ValueError, match=match):
+        F.fused_linear_policy_loss(torch.randn(2, 3, 4), torch.randn(5, 4), labels, mask, z, z, z,
+                                   **{field: value})
+
+
+def test_loss_config_stores_floats_and_is_frozen():
+    cfg = F.LossConfig(dual_clip=3, adv_coeff=2, clip_high=0)
+    assert (cfg.dual_clip, cfg.adv_coeff, cfg.clip_high) == (3.0, 2.0, 0.0)
+    assert all(type(v) is float for v in (cfg.dual_clip, cfg.adv_coeff, cfg.clip_high, cfg.temperature))
+    with pytest.raises(Exception, match="cannot assign"):
+        cfg.kl_coef = 1.0
+
+
+def test_config_argument_equals_the_keywords_and_refuses_a_second_knob():
+    logits, labels, mask, _ = _batch()
+    g = torch.Generator().manual_seed(1)
+    adv, old, rf = (torch.randn(2, 3, generator=g) for _ in range(3))
+    kw = dict(dual_clip=2.0, kl_coef=0.1, entropy_coef=0.05, temperature=0.8, batch_entropy_coef=0.1)
+    cfg = F.LossConfig(**kw)
+    want, _ = F.policy_loss_from_logits(logits, labels, mask, adv, old, rf, **kw)
+    got, _ = F.policy_loss_from_logits(logits, labels, mask, adv, old, rf, config=cfg)
+    assert torch.equal(got, want)
+    h, w = torch.randn(2, 3, 4, generator=g), torch.randn(logits.shape[-1], 4, generator=g)
+    want, _ = F.fused_linear_policy_loss(h, w, labels, mask, adv, old, rf, **kw)
+    got, _ = F.fused_linear_policy_loss(h, w, labels, mask, adv, old, rf, config=cfg)
+    assert torch.equal(got, want)
+    for fn, args in ((F.policy_loss_from_logits, (logits,)), (F.fused_linear_policy_loss, (h, w))):
+        with pytest.raises(ValueError, match=r"kl_coef: expected the default 0.0 when config= is given.*got 0.3"):
+            fn(*args, labels, mask, adv, old, rf, config=cfg, kl_coef=0.3)
+        with pytest.raises(ValueError, match="dual_clip: expected the default None when config= is given"):
+            fn(*args, labels, mask, adv, old, rf, config=cfg, dual_clip=2.0)
+        with pytest.raises(TypeError, match="config: expected None or a fastrlhf.LossConfig, got dict"):
+            fn(*args, labels, mask, adv, old, rf, config=kw)
