@@ -187,7 +187,7 @@ def result(op: str, impl: str, shape: dict, ms: Optional[float], peak_mem_mib: O
 
 def measure(bench, fn: Callable[[], object], *, op: str, impl: str, shape: dict, baseline: Optional[str] = None,
             bytes_moved: Optional[float] = None, flops: Optional[float] = None, memory: bool = True,
-            **extra) -> None:
+            min_rounds: Optional[int] = None, **extra) -> None:
     """Time fn() with pytest-benchmark and record the figures in its extra_info.
 
     `bench` is the `bench` fixture of bench/conftest.py (the plugin's `benchmark` plus the size's time
@@ -199,6 +199,7 @@ a second one are timed to size the run: `iterations`
     median / this median). `bytes_moved` / `flops`: what the op must move / compute, giving `gbs`,
     `frac_copy_bw` and `tflops`, `frac_matmul` against the ceilings measured in the same session.
     `memory=False` skips the peak-memory call (recorded as None, with the reason in `extra`).
+    `min_rounds` overrides the size's minimum (whole generate calls: one round is a median of one).
     """
     t0 = timer()
     fn()
@@ -209,7 +210,8 @@ a second one are timed to size the run: `iterations`
         call_s = timer() - t0
     call_s = max(call_s, 1e-9)
     iterations = max(1, math.ceil(bench.min_round_s / call_s))
-    rounds = int(min(bench.max_rounds, max(bench.min_rounds, bench.case_budget_s // (call_s * iterations))))
+    least = bench.min_rounds if min_rounds is None else min(min_rounds, bench.min_rounds)
+    rounds = int(min(bench.max_rounds, max(least, bench.case_budget_s // (call_s * iterations))))
     bench.benchmark.group = f"{op} " + ",".join(f"{k}={v}" for k, v in shape.items())
     bench.benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
     info = bench.benchmark.extra_info
