@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,11 @@ def bench_size(config) -> str:
 
 def pytest_configure(config):
     config.stash[_START] = time.monotonic()
+    config.stash[_LOAD] = os.getloadavg()[0]
 
 
 _START = pytest.StashKey[float]()
+_LOAD = pytest.StashKey[float]()
 _CEILINGS: dict = {}
 
 
@@ -147,6 +150,8 @@ _REPORTS: list = []
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """The results file's header (bench/all.py): size, device and versions, ceilings, skipped cases."""
+    """The results file's header (bench/all.py): size, device and versions, the CPU load average at the
+    session's start and end, ceilings, skipped cases."""
     output_json["fastrlhf"] = {"size": bench_size(config), **harness.device_info(), **_CEILINGS,
+                               "load_average_1m_start": config.stash[_LOAD],
                                "skipped": list(_REPORTS)}

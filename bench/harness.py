@@ -12,6 +12,7 @@ at least {"op", "impl", "shape", "ms", "peak_mem_mib"}; `impl` is one of IMPLS. 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -30,8 +31,9 @@ SIZES = ("smoke", "cpu", "gpu")
 
 
 def device_info() -> dict:
-    """Device name, library versions, the git commit of the measured code, and the CPU load when it starts
-    (the development machine's 2 cores are shared: a load average above the core count means contention)."""
+    """Device name, library versions, the git commit of the measured code, and the CPU load when it is
+    called (the development machine's 2 cores are shared: a load average above the core count means
+    contention)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -50,11 +52,11 @@ def device_info() -> dict:
     else:
         device = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     versions = {}
-    for mod in ("liger_kernel", "transformers", "pytest_benchmark"):
+    for dist in ("liger-kernel", "transformers", "pytest-benchmark"):
         try:
-            versions[mod] = __import__(mod).__version__
-        except (ImportError, AttributeError):
-            versions[mod] = None
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
     return {"device": device, "torch": torch.__version__, "triton": triton_version, **versions, "commit": commit,
             "cpu_threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0]}
 
