@@ -1,27 +1,40 @@
-"""Fused linear path (README, "Fused linear path"): hidden states -> PPO loss / log-probs, forward + backward.
+"""Fused linear path (README, "Fused linear path"): hidden states -> PPO / GRPO loss or log-probs, forward +
+backward w.r.t. hidden and weight (grads returned by torch.autograd.grad, so every impl allocates its own
+gradient outputs inside the measurement).
 
-    python bench/bench_fused_linear.py               CPU smoke sizes (or the GPU sizes on CUDA)
-    python bench/bench_fused_linear.py --cpu-target  the CPU target, N=4096 H=256 V=65536 fp32
-    python bench/bench_fused_linear.py --gpu-sizes   N=8192, H ∈ {896, 4096}, V ∈ {128256, 151936}, bf16
-    add --compile to time the torch.compile baseline on CPU too (compiling takes minutes there)
+    pytest bench/bench_fused_linear.py --benchmark-only [--bench-size smoke|cpu|gpu]
+    python bench/bench_fused_linear.py [--size smoke|cpu|gpu]
 
-Ops, each forward + backward w.r.t. hidden and weight (grads returned by torch.autograd.grad, so every
-impl allocates its own gradient outputs inside the measurement):
-    policy_loss   PPO (clip 0.2) + 0.01·entropy + 0.05·k3 KL, masked token mean:
-                  fastrlhf (fused_linear_policy_loss), torch (eager on materialized logits),
-                  torch.compile (compiled per-chunk loss under activation checkpointing),
-                  liger (LigerFusedLinearGRPOLoss, loss_type="dapo", β=0.05 k3 KL, no entropy term: CUDA only)
+Sizes: smoke N=128, H=32, V=512 fp32; cpu N=4096, H=256, V=65536 fp32 (the README's CPU figures); gpu
+N=8192, H ∈ {896, 4096}, V ∈ {128256, 151936}, bf16. torch.compile baselines run on CUDA (on the CPU with
+--bench-compile; compiling takes minutes there).
+
+Ops:
+    policy_loss   PPO (clip 0.2) + 0.01·entropy + 0.05·k3 KL, per-token advantages, masked token mean:
+                  fastrlhf (fused_linear_policy_loss), torch (eager on materialized fp32 logits),
+                  torch.compile (compiled per-chunk loss under activation checkpointing)
+    grpo_loss     GRPO as TRL's GRPOTrainer and Liger compute it (GRPO_KNOBS): clip 0.2 both sides, β·k3 KL
+                  to the reference log-probs, no entropy term, one advantage per sequence, loss = Σ mask·loss_t /
+                  Σ mask (TRL's and Liger's loss_type="dapo" on one process = a masked token mean):
+                  fastrlhf (fused_linear_policy_loss, the sequence advantage broadcast over its tokens),
+                  trl (TRL's GRPOTrainer loss on materialized logits: selective_log_softmax's row loop),
+                  torch (eager fp32 log_softmax on the whole [N, V]),
+                  liger (liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss: Liger's own chunking; its
+                  loss math under torch.compile on CUDA, eager on the CPU). See `grpo_impls` for the argument
+                  mapping; tests/test_bench.py checks that the four give one loss and one gradient.
     neg_logprob   Σ −log p(label): fastrlhf (fused_linear_logprobs), torch eager,
                   liger (LigerFusedLinearCrossEntropyLoss, reduction="none", CUDA only),
-                  cce (cut_cross_entropy.linear_cross_entropy, reduction="none", if installed)
-    three_gemms   the floor: x = h Wᵀ, dx W, dxᵀ h (6·N·H·V FLOPs), measured in the same run.
-Peak memory is the extra memory over the inputs (harness.peak_extra_mib).
+                  cce (cut_cross_entropy.linear_cross_entropy, reduction="none", CUDA, if installed)
+    three_gemms   the floor: x = h Wᵀ, dx W, dxᵀ h (6·N·H·V FLOPs), measured in the same session.
+Every op records `vs_floor` = its time / the three GEMMs' time at that shape (extra_info, when the
+three_gemms case of the shape ran first, as collection orders it) and `tflops` counting 6·N·H·V.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.utils.checkpoint
 
@@ -31,12 +44,18 @@ import harness  # noqa: E402
 from fastrlhf.fused_linear import choose_chunk_size, fused_linear_logprobs, fused_linear_policy_loss  # noqa: E402
 
 KNOBS = dict(clip_low=0.2, clip_high=0.2, entropy_coef=0.01, kl_coef=0.05, kl_estimator="k3")
-CPU_SMOKE = [dict(B=2, T=512, H=128, V=8192)]
-CPU_TARGET = [dict(B=4, T=1024, H=256, V=65536)]
-GPU_SIZES = [dict(B=8, T=1024, H=h, V=v) for h in (896, 4096) for v in (128256, 151936)]
+GRPO_KNOBS = dict(clip=0.2, beta=0.04)
+SHAPES = {
+    "smoke": [dict(B=2, T=64, H=32, V=512, dtype="float32")],
+    "cpu": [dict(B=4, T=1024, H=256, V=65536, dtype="float32")],
+    "gpu": [dict(B=8, T=1024, H=h, V=v, dtype="bfloat16") for h in (896, 4096) for v in (128256, 151936)],
+}
+_FLOOR_MS: dict = {}
 
 
 def make_inputs(B, T, H, V, device, dtype):
+    """hidden [B, T, H], weight [V, H] (both requiring grad), labels, mask (last T/8 padded), per-token
+    advantages, per-sequence advantages, old and reference log-probs near log(1/V)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = (torch.randn(B, T, H, generator=g) * 0.5).to(device, dtype).requires_grad_()
     weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dtype).requires_grad_()
@@ -44,9 +63,10 @@ def make_inputs(B, T, H, V, device, dtype):
     mask = torch.ones(B, T, device=device)
     mask[:, -T // 8:] = 0                                           # some padding
     adv = torch.randn(B, T, generator=g).to(device)
+    adv_seq = torch.randn(B, generator=g).to(device)
     old = (-torch.rand(B, T, generator=g) * 2 - torch.log(torch.tensor(float(V)))).to(device)
     rf = (old.cpu() + 0.1 * torch.randn(B, T, generator=g)).to(device)
-    return hidden, weight, labels, mask, adv, old, rf
+    return dict(hidden=hidden, weight=weight, labels=labels, mask=mask, adv=adv, adv_seq=adv_seq, old=old, ref=rf)
 
 
 def eager_terms(logits, labels, old, rf, adv):
@@ -60,16 +80,18 @@ def eager_terms(logits, labels, old, rf, adv):
     return pg + KNOBS["kl_coef"] * (torch.exp(d) - 1 - d) - KNOBS["entropy_coef"] * ent
 
 
-def policy_loss_impls(inputs, device, compile_ok):
-    hidden, weight, labels, mask, adv, old, rf = inputs
+def policy_loss_impls(x, compile_ok):
+    """impl -> fn() returning (grad hidden, grad weight) of the PPO + entropy + KL loss."""
+    hidden, weight = x["hidden"], x["weight"]
     B, T, H = hidden.shape
     V = weight.shape[0]
-    h2, l1, m1, a1, o1, r1 = (t.reshape(-1, H) if t is hidden else t.reshape(-1)
-                              for t in (hidden, labels, mask, adv, old, rf))
+    h2 = hidden.reshape(-1, H)
+    l1, m1, a1, o1, r1 = (x[k].reshape(-1) for k in ("labels", "mask", "adv", "old", "ref"))
     params = (hidden, weight)
 
     def fastrlhf():
-        loss, _ = fused_linear_policy_loss(hidden, weight, labels, mask, adv, old, rf, **KNOBS)
+        loss, _ = fused_linear_policy_loss(hidden, weight, x["labels"], x["mask"], x["adv"], x["old"], x["ref"],
+                                           **KNOBS)
         return torch.autograd.grad(loss, params)
 
     def eager():
@@ -78,7 +100,7 @@ def policy_loss_impls(inputs, device, compile_ok):
 
     impls = {"fastrlhf": fastrlhf, "torch": eager}
     if compile_ok:
-        rows = choose_chunk_size(B * T, V, device)
+        rows = choose_chunk_size(B * T, V, hidden.device)
         chunk_fn = torch.compile(lambda h, w, lab, m, o, r, a: (eager_terms(h @ w.T, lab, o, r, a) * m).sum())
 
         def compiled():
@@ -90,27 +112,85 @@ def policy_loss_impls(inputs, device, compile_ok):
             return torch.autograd.grad(total / m1.sum(), params)
 
         impls["torch.compile"] = compiled
-    if device.type == "cuda":
-        try:
-            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-        except ImportError:
-            LigerFusedLinearGRPOLoss = None
-        if LigerFusedLinearGRPOLoss is not None:
-            grpo = LigerFusedLinearGRPOLoss(beta=KNOBS["kl_coef"], loss_type="dapo", epsilon_low=0.2,
-                                            epsilon_high=0.2, chunk_size=1)
-
-            def liger():
-                out = grpo(hidden, weight, labels, mask, adv[:, 0], ref_per_token_logps=rf,
-                           old_per_token_logps=old)
-                loss = out[0] if isinstance(out, tuple) else out
-                return torch.autograd.grad(loss, params)
-
-            impls["liger"] = liger
     return impls
 
 
-def neg_logprob_impls(inputs, device):
-    hidden, weight, labels = inputs[:3]
+def selective_log_softmax(logits, index):
+    """log_softmax(logits)[index] the way TRL's trl.trainer.utils.selective_log_softmax computes it: for
+    fp32/fp64 logits the gathered logit minus a logsumexp taken one row of the batch at a time, for
+    bf16/fp16 a log_softmax per row of the batch (logits [B, T, V], index [B, T])."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, index[..., None]).squeeze(-1)
+        return picked - torch.stack([torch.logsumexp(row, -1) for row in logits])
+    return torch.stack([torch.log_softmax(row, -1).gather(-1, idx[:, None]).squeeze(-1)
+                        for row, idx in zip(logits, index)])
+
+
+def grpo_token_loss(lp, old, ref_lp, adv_seq, mask, clip, beta):
+    """TRL GRPOTrainer's per-token loss and its loss_type="dapo" reduction on one process:
+    ρ = e^{ℓ−ℓ_old}, loss_t = −min(ρA, clip(ρ, 1−ε, 1+ε)A) + β·(e^{ℓ_ref−ℓ} − (ℓ_ref−ℓ) − 1),
+    loss = Σ mask·loss_t / Σ mask."""
+    ratio = torch.exp(lp - old)
+    a = adv_seq[:, None]
+    per = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    if beta:
+        d = ref_lp - lp
+        per = per + beta * (torch.exp(d) - d - 1)
+    return (per * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def grpo_impls(x, *, clip, beta, liger_compiled):
+    """impl -> fn() returning (loss, grad hidden, grad weight) of the same GRPO loss (GRPO_KNOBS).
+
+    Argument mapping (README, "Benchmarks"): fastrlhf.fused_linear_policy_loss(algo="ppo", clip_low=clip_high=ε,
+    kl_coef=β, kl_estimator="k3", entropy_coef=0, advantages = the sequence advantage on each of its tokens)
+    = LigerFusedLinearGRPOLoss(epsilon_low=epsilon_high=ε, beta=β, loss_type="dapo", use_ref_model=β>0,
+    temperature=1) called with (hidden [B, T, H], weight, labels, mask, advantages [B], ref_per_token_logps,
+    old_per_token_logps) = TRL's GRPOTrainer loss (epsilon=ε, beta=β, loss_type="dapo", one process).
+    All three compute k3 as e^{ℓ_ref−ℓ} − (ℓ_ref−ℓ) − 1 and the ratio against old_per_token_logps.
+    Liger is "unavailable" (None) when liger_kernel does not import.
+    """
+    hidden, weight, labels, mask, adv_seq, old, rf = (x[k] for k in ("hidden", "weight", "labels", "mask",
+                                                                      "adv_seq", "old", "ref"))
+    params = (hidden, weight)
+    B, T, _ = hidden.shape
+    adv_tok = adv_seq[:, None].expand(B, T).contiguous()
+
+    def with_grads(loss):
+        return (loss.detach(), *torch.autograd.grad(loss, params))
+
+    def fastrlhf():
+        loss, _ = fused_linear_policy_loss(hidden, weight, labels, mask, adv_tok, old, rf, clip_low=clip,
+                                           clip_high=clip, kl_coef=beta, kl_estimator="k3", entropy_coef=0.0)
+        return with_grads(loss)
+
+    def trl():
+        lp = selective_log_softmax(hidden @ weight.T, labels)
+        return with_grads(grpo_token_loss(lp.float(), old, rf, adv_seq, mask, clip, beta))
+
+    def eager():
+        lp = torch.log_softmax((hidden @ weight.T).float(), -1).gather(-1, labels[..., None]).squeeze(-1)
+        return with_grads(grpo_token_loss(lp, old, rf, adv_seq, mask, clip, beta))
+
+    impls = {"fastrlhf": fastrlhf, "trl": trl, "torch": eager, "liger": None}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return impls
+    grpo = LigerFusedLinearGRPOLoss(beta=beta, compiled=liger_compiled, use_ref_model=beta > 0, epsilon_low=clip,
+                                    epsilon_high=clip, loss_type="dapo", temperature=1.0)
+
+    def liger():
+        loss, _metrics = grpo(hidden, weight, labels, mask, adv_seq, ref_per_token_logps=rf if beta > 0 else None,
+                              old_per_token_logps=old)
+        return with_grads(loss)
+
+    impls["liger"] = liger
+    return impls
+
+
+def neg_logprob_impls(x, device):
+    hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
     H = hidden.shape[-1]
     h2, l1 = hidden.reshape(-1, H), labels.reshape(-1)
     params = (hidden, weight)
@@ -122,7 +202,7 @@ def neg_logprob_impls(inputs, device):
         logp = torch.log_softmax((h2 @ weight.T).float(), -1)
         return torch.autograd.grad(-logp.gather(-1, l1[:, None]).sum(), params)
 
-    impls = {"fastrlhf": fastrlhf, "torch": eager}
+    impls = {"fastrlhf": fastrlhf, "torch": eager, "liger": None, "cce": None}
     if device.type == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -139,72 +219,56 @@ def neg_logprob_impls(inputs, device):
     return impls
 
 
-def three_gemms(inputs):
-    hidden, weight = inputs[:2]
-    h2 = hidden.detach().reshape(-1, hidden.shape[-1])
-    w = weight.detach()
+def three_gemms(x):
+    h2 = x["hidden"].detach().reshape(-1, x["hidden"].shape[-1])
+    w = x["weight"].detach()
 
     def run():
-        x = h2 @ w.T
-        return x @ w, x.T @ h2
+        z = h2 @ w.T
+        return z @ w, z.T @ h2
 
     return run
 
 
-def bench_shape(shape, device, dtype, compile_ok):
+CASES = ([("three_gemms", "torch")] + [("policy_loss", i) for i in ("fastrlhf", "torch", "torch.compile")]
+         + [("grpo_loss", i) for i in ("fastrlhf", "trl", "torch", "liger")]
+         + [("neg_logprob", i) for i in ("fastrlhf", "torch", "liger", "cce")])
+
+
+@pytest.mark.parametrize("op,impl", CASES)
+def test_fused_linear(bench, shape, op, impl):
+    device = bench.device
+    if impl == "torch.compile" and not bench.compile_ok:
+        pytest.skip("torch.compile on the CPU: pass --bench-compile")
     B, T, H, V = shape["B"], shape["T"], shape["H"], shape["V"]
-    inputs = make_inputs(B, T, H, V, device, dtype)
-    desc = {"N": B * T, "H": H, "V": V, "dtype": str(dtype).replace("torch.", "")}
-    rep = 3 if device.type == "cpu" else 10
-    results = []
-    floor_ms = harness.time_ms(three_gemms(inputs), warmup=1, rep=rep, device=device)
-    floor_mem = harness.peak_extra_mib(three_gemms(inputs), device=device)
-    results.append(harness.result("three_gemms", "torch", desc, floor_ms, floor_mem,
-                                  flops=6 * B * T * H * V))
-    for op, impls in (("policy_loss", policy_loss_impls(inputs, device, compile_ok)),
-                      ("neg_logprob", neg_logprob_impls(inputs, device))):
-        for name, fn in impls.items():
-            try:
-                ms = harness.time_ms(fn, warmup=1, rep=rep, device=device)
-                # Inductor's CPU kernels fix their OpenMP team size at compile time: no fork-safe way
-                skip_mem = name == "torch.compile" and device.type == "cpu"
-                mem = None if skip_mem else harness.peak_extra_mib(fn, device=device)
-            except Exception as exc:  # a baseline that does not support this shape/device: record why
-                results.append(harness.result(op, name, desc, float("nan"), None,
-                                              error=f"{type(exc).__name__}: {exc}"[:300]))
-                continue
-            results.append(harness.result(op, name, desc, ms, mem, vs_floor=ms / floor_ms))
-    by = {(r["op"], r["impl"]): r for r in results}
-    for op in ("policy_loss", "neg_logprob"):
-        base, ours = by.get((op, "torch")), by.get((op, "fastrlhf"))
-        if base and ours and ours["peak_mem_mib"]:
-            ours["time_vs_torch"] = ours["ms"] / base["ms"]
-            ours["mem_saving_vs_torch"] = base["peak_mem_mib"] / ours["peak_mem_mib"]
-    return results
-
-
-def main(argv=None):
-    parser = harness.arg_parser(__doc__)
-    parser.add_argument("--cpu-target", action="store_true", help="the CPU target shape (N=4096, H=256, V=65536, fp32)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also the torch.compile baseline on CPU (always on CUDA; slow to compile on CPU)")
-    args, device, gpu = harness.start(__doc__, argv, parser)
-    if gpu:
-        if device.type != "cuda":
-            parser.error("--gpu-sizes needs a CUDA device")
-        shapes, dtype, name = GPU_SIZES, torch.bfloat16, "fused_linear"
-    elif args.cpu_target:
-        shapes, dtype, name = CPU_TARGET, torch.float32, "fused_linear_cpu_target"
+    x = make_inputs(B, T, H, V, device, getattr(torch, shape["dtype"]))
+    extra = {}
+    if op == "three_gemms":
+        fn = three_gemms(x)
+    elif op == "policy_loss":
+        fn = policy_loss_impls(x, bench.compile_ok)[impl]
+        extra = KNOBS
+    elif op == "grpo_loss":
+        fn = grpo_impls(x, **GRPO_KNOBS, liger_compiled=device.type == "cuda")[impl]
+        extra = {**GRPO_KNOBS, "loss_type": "dapo", "liger_compiled": device.type == "cuda"}
     else:
-        shapes, dtype, name = CPU_SMOKE, torch.float32, "fused_linear_cpu_smoke"
-    results = []
-    for shape in shapes:
-        results += bench_shape(shape, device, dtype, compile_ok=device.type == "cuda" or args.compile)
-    path = harness.write_results(name, results, extra={"matmul_tflops": harness.matmul_tflops(device)})
-    harness.print_table(results, keys=("op", "impl", "shape", "ms", "peak_mem_mib", "vs_floor"))
-    print(f"wrote {path}")
-    return 0
+        fn = neg_logprob_impls(x, device)[impl]
+    if fn is None:
+        pytest.skip(f"{impl}: not available here ({'CUDA only' if device.type != 'cuda' else 'not installed'})")
+    key = harness.dtype_name(x["hidden"].dtype), B * T, H, V
+    # Inductor's CPU kernels fix their OpenMP team size at compile time: no fork-safe peak-memory call
+    mem_ok = not (impl == "torch.compile" and device.type == "cpu")
+    harness.measure(bench, fn, op=op, impl=impl, shape={"N": B * T, "H": H, "V": V, "dtype": shape["dtype"]},
+                    baseline=None if op == "three_gemms" else "torch", flops=6 * B * T * H * V, memory=mem_ok,
+                    **extra)
+    if bench.benchmark.stats is None:
+        return
+    ms = bench.benchmark.stats.stats.median * 1e3
+    if op == "three_gemms":
+        _FLOOR_MS[key] = ms
+    elif key in _FLOOR_MS:
+        bench.benchmark.extra_info["vs_floor"] = ms / _FLOOR_MS[key]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.script_main(__file__))

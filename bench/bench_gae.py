@@ -1,13 +1,17 @@
 """GAE: fastrlhf extension vs TRL's per-step Python loop ("trl") and a vectorized torch version ("torch").
 
-CPU smoke sizes by default (B=64, T=1024: the CPU target is >= 50x the loop); the GPU
-sizes (B=256, T in {512, 2048, 8192}; target >= 1000x the loop at T=2048 and within 3x of the
-bandwidth floor) when CUDA is present or with --gpu-sizes. Floor = bytes of r, V, mask read once and
-A, R written once (5 * B * T * 4) over the measured copy bandwidth.
+    pytest bench/bench_gae.py --benchmark-only [--bench-size smoke|cpu|gpu]
+    python bench/bench_gae.py [--size smoke|cpu|gpu]
+
+Sizes: smoke B=8, T=64; cpu B=64, T ∈ {256, 1024} (the CPU target is >= 50x the loop at T=1024); gpu
+B=256, T ∈ {512, 2048, 8192} (target >= 1000x the loop at T=2048 and within 3x of the bandwidth floor).
+Floor = bytes of r, V, mask read once and A, R written once (5·B·T·4) over the copy bandwidth measured in
+the same session (`x_floor` = time / floor).
 """
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -16,6 +20,11 @@ import harness  # noqa: E402
 import fastrlhf.extension as ext  # noqa: E402
 
 GAMMA, LAM = 1.0, 0.95
+SHAPES = {
+    "smoke": [dict(B=8, T=64)],
+    "cpu": [dict(B=64, T=256), dict(B=64, T=1024)],
+    "gpu": [dict(B=256, T=t) for t in (512, 2048, 8192)],
+}
 
 
 def trl_loop(rewards, values, mask, gamma=GAMMA, lam=LAM):
@@ -47,37 +56,29 @@ def torch_vectorized(rewards, values, mask, W, gamma=GAMMA):
     return adv, (adv + v) * mask
 
 
-def main(argv=None):
-    _, device, gpu = harness.start(__doc__, argv)
-    shapes = [(256, 512), (256, 2048), (256, 8192)] if gpu else [(64, 256), (64, 1024)]
-    bandwidth = harness.copy_bandwidth_gbs(device)
-    results = []
-    for B, T in shapes:
-        g = torch.Generator().manual_seed(0)
-        rewards = torch.randn(B, T, generator=g).to(device)
-        values = torch.randn(B, T, generator=g).to(device)
-        lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(device)
-        mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()
+@pytest.mark.parametrize("impl", ["fastrlhf", "torch", "trl"])
+def test_gae(bench, shape, impl):
+    B, T, device = shape["B"], shape["T"], bench.device
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(B, T, generator=g).to(device)
+    values = torch.randn(B, T, generator=g).to(device)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(device)
+    mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()
+    if impl == "fastrlhf":
+        fn = lambda: ext.gae(rewards, values, mask, gamma=GAMMA, lam=LAM)  # noqa: E731
+    elif impl == "torch":
         W = discount_matrix(T, GAMMA * LAM, device)
-        impls = {
-            "fastrlhf": lambda: ext.gae(rewards, values, mask, gamma=GAMMA, lam=LAM),
-            "torch": lambda: torch_vectorized(rewards, values, mask, W),
-            "trl": lambda: trl_loop(rewards, values, mask),
-        }
-        floor_ms = 5 * B * T * 4 / (bandwidth * 1e9) * 1e3
-        times = {}
-        for impl, fn in impls.items():
-            rep = 3 if impl == "trl" else 10
-            times[impl] = harness.time_ms(fn, warmup=1, rep=rep, device=device)
-            mem = harness.peak_extra_mib(fn, device=device)
-            results.append(harness.result("gae", impl, {"B": B, "T": T}, times[impl], mem,
-                                          floor_ms=floor_ms, x_floor=times[impl] / floor_ms))
-        for r in results[-3:]:
-            r["speedup_vs_trl"] = times["trl"] / r["ms"]
-    harness.print_table(results, keys=("op", "impl", "shape", "ms", "speedup_vs_trl", "x_floor", "peak_mem_mib"))
-    path = harness.write_results("gae", results, {"copy_bandwidth_gbs": bandwidth, "gamma": GAMMA, "lam": LAM})
-    print(f"wrote {path}")
+        fn = lambda: torch_vectorized(rewards, values, mask, W)  # noqa: E731
+    else:
+        fn = lambda: trl_loop(rewards, values, mask)  # noqa: E731
+    bytes_moved = 5 * B * T * 4
+    harness.measure(bench, fn, op="gae", impl=impl, shape=shape, baseline="trl", bytes_moved=bytes_moved,
+                    gamma=GAMMA, lam=LAM)
+    info = bench.benchmark.extra_info
+    if bench.benchmark.stats is not None:
+        floor_ms = bytes_moved / (bench.ceilings()["copy_bandwidth_gbs"] * 1e9) * 1e3
+        info.update(floor_ms=floor_ms, x_floor=bench.benchmark.stats.stats.median * 1e3 / floor_ms)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(harness.script_main(__file__))

@@ -19,6 +19,7 @@ Peaks: CUDA max_memory_allocated (weights included); CPU: peak RSS of the proces
 phase; Python heap and libraries included). An out-of-memory error is recorded as the case's result
 (`oom`: memory.out_of_memory_message), not raised.
 
+    (results: bench/results/memory_{smoke,gpu}.json, or --results-dir)
     python bench/bench_memory.py               CPU smoke (built-in tiny Llama, 4-bit + LoRA); GPU sizes with CUDA
     python bench/bench_memory.py --gpu-sizes   Llama-3-8B shape under 16 GiB, Qwen2.5-0.5B shape under 4 GiB:
                                                8 x (256 + 256) tokens, 4-bit nf4 base + LoRA r=16, bf16,
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
     harness.print_table(results, keys=("op", "shape", "ms", "peak_mem_mib", "generation_peak_mib",
                                        "rollout_peak_mib", "update_peak_mib"))
-    print(harness.write_results("bench_memory", results))
+    print(harness.write_results("memory_" + ("gpu" if gpu else "smoke"), results, results_dir=args.results_dir,
+                                extra={"size": "gpu" if gpu else "smoke"}))
     return 0
 
 

@@ -1,25 +1,35 @@
 """Token log-probs (and entropy) from logits [N, V], forward + backward.
 
-    python bench/bench_token_logprobs.py [--gpu-sizes]
+    pytest bench/bench_token_logprobs.py --benchmark-only [--bench-size smoke|cpu|gpu]
+    python bench/bench_token_logprobs.py [--size smoke|cpu|gpu]
 
 Ops: "token_logprobs" (ℓ only: fastrlhf, torch eager fp32-upcast log_softmax + gather, torch.compile of it,
-Liger's LigerCrossEntropyLoss(reduction="none") as −ℓ, TRL's selective_log_softmax when installed) and
-"logprobs_and_entropy" (ℓ and H: fastrlhf, eager with the entropy from the softmax, torch.compile).
+Liger's LigerCrossEntropyLoss(reduction="none") as −ℓ (CUDA), TRL's selective_log_softmax when installed)
+and "logprobs_and_entropy" (ℓ and H: fastrlhf, eager with the entropy from the softmax, torch.compile).
 Upstream gradients are random for both outputs. Bytes that must move: the logits read by the forward, read
 again by the backward, and the gradient written: 3·N·V·itemsize; `gbs` = those bytes / time,
-`frac_copy_bw` = gbs / copy bandwidth measured in the same run. On CPU, fastrlhf dispatches to its
-PyTorch reference (fastrlhf.ops): CPU figures only check that the script works.
+`frac_copy_bw` = gbs / copy bandwidth measured in the same session. On CPU, fastrlhf dispatches to its
+PyTorch reference (fastrlhf.ops): CPU figures only check that the benchmark works.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-import fastrlhf
-import harness
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-GPU_SHAPES = [(n, v) for n in (4096, 16384) for v in (32000, 128256, 151936, 262144)]
-CPU_SHAPES = [(256, 1000)]
+import fastrlhf  # noqa: E402
+
+DTYPE = torch.bfloat16
+SHAPES = {
+    "smoke": [dict(N=64, V=512)],
+    "cpu": [dict(N=256, V=1000)],
+    "gpu": [dict(N=n, V=v) for n in (4096, 16384) for v in (32000, 128256, 151936, 262144)],
+}
 
 
 def eager_logprobs(logits, labels):
@@ -32,66 +42,50 @@ def eager_logprobs_entropy(logits, labels):
     return logp.gather(-1, labels[:, None]).squeeze(-1), ent
 
 
-def _impls(op, device):
-    """impl name -> f(logits, labels) returning a tuple of outputs; None where the impl is unavailable."""
+def _impl(op, impl, bench):
+    """f(logits, labels) -> tuple of outputs; skips the case where the impl is unavailable here."""
+    if impl == "torch.compile" and not bench.compile_ok:
+        pytest.skip("torch.compile on the CPU: pass --bench-compile")
     if op == "token_logprobs":
-        impls = {"fastrlhf": lambda x, y: (fastrlhf.token_logprobs(x, y),), "torch": lambda x, y: (eager_logprobs(x, y),)}
-        impls["torch.compile"] = lambda x, y, _f=torch.compile(eager_logprobs): (_f(x, y),)
-        try:
-            from liger_kernel.transformers import LigerCrossEntropyLoss
-            ce = LigerCrossEntropyLoss(reduction="none")
-            impls["liger"] = lambda x, y: (-ce(x, y),)
-        except ImportError as exc:
-            print(f"liger: skipped ({exc})")
-        try:
-            from trl.trainer.utils import selective_log_softmax
-            impls["trl"] = lambda x, y: (selective_log_softmax(x, y),)
-        except ImportError as exc:
-            print(f"trl: skipped ({exc})")
-    else:
-        impls = {"fastrlhf": lambda x, y: fastrlhf.logprobs_and_entropy(x, y),
-                 "torch": eager_logprobs_entropy,
-                 "torch.compile": torch.compile(eager_logprobs_entropy)}
-    return impls
+        if impl == "fastrlhf":
+            return lambda x, y: (fastrlhf.token_logprobs(x, y),)
+        if impl == "torch":
+            return lambda x, y: (eager_logprobs(x, y),)
+        if impl == "torch.compile":
+            f = torch.compile(eager_logprobs)
+            return lambda x, y: (f(x, y),)
+        if impl == "liger":
+            if bench.device.type != "cuda":
+                pytest.skip("Liger's cross-entropy is a Triton kernel: CUDA only")
+            ce = pytest.importorskip("liger_kernel.transformers").LigerCrossEntropyLoss(reduction="none")
+            return lambda x, y: (-ce(x, y),)
+        if impl == "trl":
+            sel = pytest.importorskip("trl.trainer.utils").selective_log_softmax
+            return lambda x, y: (sel(x, y),)
+    if impl == "fastrlhf":
+        return fastrlhf.logprobs_and_entropy
+    if impl == "torch":
+        return eager_logprobs_entropy
+    return torch.compile(eager_logprobs_entropy)
 
 
-def _step(f, logits, labels, grads):
-    """One forward + backward with fixed random upstream gradients."""
-    logits.grad = None
-    outs = f(logits, labels)
-    torch.autograd.backward([o.float() for o in outs], list(grads[:len(outs)]))
+@pytest.mark.parametrize("op,impl", [("token_logprobs", i) for i in ("fastrlhf", "torch", "torch.compile", "liger", "trl")]
+                         + [("logprobs_and_entropy", i) for i in ("fastrlhf", "torch", "torch.compile")])
+def test_token_logprobs(bench, shape, op, impl):
+    f = _impl(op, impl, bench)
+    n, v, device = shape["N"], shape["V"], bench.device
+    logits = torch.randn(n, v, device=device, dtype=DTYPE).requires_grad_()
+    labels = torch.randint(0, v, (n,), device=device)
+    grads = (torch.randn(n, device=device), torch.randn(n, device=device))
 
+    def step():
+        logits.grad = None
+        outs = f(logits, labels)
+        torch.autograd.backward([o.float() for o in outs], list(grads[:len(outs)]))
 
-def main(argv=None):
-    _, device, gpu = harness.start(__doc__, argv)
-    dtype = torch.bfloat16
-    copy_bw = harness.copy_bandwidth_gbs(device)
-    results = []
-    for op in ("token_logprobs", "logprobs_and_entropy"):
-        for n, v in GPU_SHAPES if gpu else CPU_SHAPES:
-            shape = {"N": n, "V": v, "dtype": str(dtype).replace("torch.", "")}
-            for impl, f in _impls(op, device).items():
-                if device.type == "cpu" and impl == "liger":
-                    continue                                   # Liger's kernels need a GPU
-                try:
-                    logits = torch.randn(n, v, device=device, dtype=dtype).requires_grad_()
-                    labels = torch.randint(0, v, (n,), device=device)
-                    grads = (torch.randn(n, device=device), torch.randn(n, device=device))
-                    ms = harness.time_ms(lambda: _step(f, logits, labels, grads), device=device)
-                    mem = harness.peak_extra_mib(lambda: _step(f, logits, labels, grads), device=device)
-                except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                    print(f"{op} {impl} {shape}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
-                    results.append(harness.result(op, impl, shape, None, None, error=type(exc).__name__))
-                    continue
-                finally:
-                    logits = labels = grads = None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                gbs = 3 * n * v * dtype.itemsize / (ms * 1e-3) / 1e9
-                results.append(harness.result(op, impl, shape, ms, mem, gbs=gbs, frac_copy_bw=gbs / copy_bw))
-    harness.print_table(results, keys=("op", "impl", "shape", "ms", "peak_mem_mib", "frac_copy_bw"))
-    print(harness.write_results("token_logprobs", results, extra={"copy_bandwidth_gbs": copy_bw}))
+    harness.measure(bench, step, op=op, impl=impl, shape={**shape, "dtype": harness.dtype_name(DTYPE)},
+                    baseline="torch", bytes_moved=3 * n * v * DTYPE.itemsize)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(harness.script_main(__file__))

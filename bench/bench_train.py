@@ -11,7 +11,8 @@ excluded from the median step time.
 TRL's PPOTrainer is the baseline to compare with; it is measured only when `trl` imports (it is
 not installed in this environment: the result records the skip).
 
-    python bench/bench_train.py [--gpu-sizes] [--steps N]
+    python bench/bench_train.py [--gpu-sizes] [--steps N] [--algos ppo,ppo-max,apa] [--results-dir DIR]
+(results: train_gpu.json or train_smoke.json)
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def run_algo(algo: str, directory: Path, out: Path, s: dict, steps: int, device:
 def main(argv=None) -> int:
     p = harness.arg_parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="RL steps per algorithm [default: 4 GPU, 2 CPU]")
+    p.add_argument("--algos", default="ppo,ppo-max,apa", help="comma-separated algorithms [default: all three]")
     args, device, big = harness.start(__doc__, argv, p)
     s = GPU if big else CPU
     steps = args.steps or (4 if big else 2)
@@ -105,15 +107,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastrlhf-bench-train-") as tmp:
         tmp = Path(tmp)
         make_model(tmp / "model", s, dtype)
-        for algo in ("ppo", "ppo-max", "apa"):
+        for algo in args.algos.split(","):
             results.append(run_algo(algo, tmp / "model", tmp / f"run-{algo}", s, steps, device))
             gc.collect()
     note = ("trl is not installed: TRL's PPOTrainer was not measured" if importlib.util.find_spec("trl") is None
             else "trl is installed, but this script does not drive TRL's PPOTrainer yet: not measured")
     results.append({"op": "train_step[ppo]", "impl": "trl", "shape": results[0]["shape"], "ms": None,
                     "peak_mem_mib": None, "skipped": note})
-    path = harness.write_results("train" + ("" if big else "_cpu_smoke"), results,
-                                 extra={"sizes": "gpu" if big else "cpu-smoke", "note": note})
+    path = harness.write_results("train_" + ("gpu" if big else "smoke"), results, results_dir=args.results_dir,
+                                 extra={"size": "gpu" if big else "smoke", "note": note})
     harness.print_table(results, keys=("op", "impl", "ms", "peak_mem_mib", "samples_per_s", "tokens_per_s"))
     print(f"wrote {path}")
     print(json.dumps({"note": note}))
