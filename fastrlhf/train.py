@@ -492,7 +492,7 @@ def train(cfg: TrainConfig) -> dict:
                   "tokens_per_s": roll.response_len.sum().item() / dt, "step_time_s": dt,
                   "lr": run.optim.scheduler.get_last_lr()[0],
                   "peak_mem_mib": max(run.memory.peaks.values()) or metrics.peak_mem_mib(run.device),
-                  **run.memory.metrics()}
+                  **run.memory.metrics(), **task_metrics(run, prompts, roll.texts)}
         log.log(record)                                                    # 9. metrics
         if step % cfg.logging_steps == 0:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{kl:.3f}",
@@ -515,6 +515,13 @@ def train(cfg: TrainConfig) -> dict:
         line += f" | held-out reward {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}"
     print(line, file=sys.stderr)
     return summary
+
+
+def task_metrics(run: Run, prompts, texts) -> dict:
+    """The task's own statistics of a rollout's responses (`answer_metrics`, e.g. ChainArithmeticTask's exact
+    rate and answer diversity), or none."""
+    fn = getattr(run.job.task, "answer_metrics", None)
+    return fn(prompts, texts) if fn is not None else {}
 
 
 def reward_source(cfg: TrainConfig) -> str:
