@@ -402,3 +402,33 @@ def test_response_lengths_end_rows_and_eos_still_ends():
         generate(model, ids, mask, max_new_tokens=12, response_lengths=[3, 13, 1])
     with pytest.raises(ValueError, match="response_lengths"):
         generate(model, ids, mask, max_new_tokens=12, response_lengths=[3, 4])
+
+
+def test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings(tmp_path):
+    import random
+
+    from fastrlhf import config, train
+    tiny = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_num_heads", "2",
+            "--tiny_intermediate_size", "64", "--sft_steps", "0", "--output_dir", str(tmp_path)]
+    run = train.setup(config.parse_args([*tiny, "--per_device_batch_size", "16", "--min_new_tokens", "2",
+                                         "--max_new_tokens", "9"]))
+    prompts = run.job.task.sample(16, run.streams.data)
+    copy = random.Random()
+    copy.setstate(run.streams.data.getstate())
+    roll = train.rollout(run, prompts)
+    want = draw_lengths(16, 2, 9, copy)           # the rollout's draw: the data stream, after the prompts
+    assert len(set(want)) > 1
+    eos = run.bundle.tokenizer.eos_token_id
+    for b, k in enumerate(roll.mask.sum(1).tolist()):
+        row = roll.labels[b].tolist()
+        ended = eos in row[:k]
+        assert k == want[b] or (ended and row.index(eos) == k - 1 and k < want[b])
+        assert roll.mask[b, :k].all() and not roll.mask[b, k:].any()   # right padded
+    # --stop: the text the reward sees ends before the stop string
+    run = train.setup(config.parse_args([*tiny, "--per_device_batch_size", "8", "--max_new_tokens", "6"]))
+    free = train.sample(run, prompts[:8], generator=torch.Generator().manual_seed(0))[4]
+    stop = next(t[1:3] for t in free if len(t) >= 3)
+    run = train.setup(config.parse_args([*tiny, "--per_device_batch_size", "8", "--max_new_tokens", "6",
+                                         "--stop", stop]))
+    cut = train.sample(run, prompts[:8], generator=torch.Generator().manual_seed(0))[4]
+    assert cut == [strip_stop(t, [stop]) for t in free] and cut != free
