@@ -275,7 +275,8 @@ def load(path) -> tuple:
 
 def remove_run(output_dir):
     """Delete a previous run's files from `output_dir` (`--overwrite_output_dir`): its checkpoints, partial
-    saves, metrics.jsonl, summary.json, curves.png and TensorBoard logs; anything else is left alone."""
+    saves, metrics.jsonl, samples.jsonl, summary.json, curves.png and TensorBoard logs; anything else is left
+    alone."""
     out = Path(output_dir)
     if not out.is_dir():
         return
@@ -283,7 +284,7 @@ def remove_run(output_dir):
         if p.is_dir() and (_NAME.match(p.name) or p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))
                            or p.name == "tensorboard"):
             shutil.rmtree(p)
-        elif p.name in ("metrics.jsonl", "summary.json", "curves.png"):
+        elif p.name in ("metrics.jsonl", "samples.jsonl", "summary.json", "curves.png"):
             p.unlink()
 
 

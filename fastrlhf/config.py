@@ -124,7 +124,9 @@ class TrainConfig:
                                      "fn(prompts, responses) -> floats (None: the task's own reward)")
     partial_credit: bool = _f(False, "arithmetic reward: < 0.5 credit for matching digits of a wrong answer")
     reward_model: Optional[str] = _f(None, "Hugging Face sequence-classification model scoring prompt+response")
-    reward_label: int = _f(0, "which logit of --reward_model is the score")
+    reward_label: Optional[int] = _f(None, "which logit of --reward_model is the score (None: the label named "
+                                           "POSITIVE in the model's id2label, 0 for a one-logit model, else an "
+                                           "error listing the labels)")
     output_dir: str = _f("runs/fastrlhf", "where metrics.jsonl, checkpoints, the plot and TensorBoard go")
     overwrite_output_dir: bool = _f(False, "start afresh in an --output_dir that holds a run (its checkpoints and "
                                            "metrics are deleted); without it such a directory is refused unless "
@@ -200,6 +202,19 @@ class TrainConfig:
     sft_learning_rate: float = _f(3e-3, "warm-start learning rate")
     sft_batch_size: int = _f(64, "warm-start batch size")
     eval_samples: int = _f(256, "held-out prompts scored by `fastrlhf eval` and the final summary")
+    # --- response endings, reward input, logged samples (README, "Train: PPO, PPO-max, APA") ---
+    stop: Optional[list] = _f(None, "stop string; repeat the flag for several (YAML: a list). A response ends at "
+                                    "the token completing the first one (that token is trained on, like EOS); "
+                                    "the text scored and logged is cut before it, trailing spaces removed (trlx)")
+    min_new_tokens: Optional[int] = _f(None, "draw each prompt's response-length limit uniformly from "
+                                             "[min_new_tokens, max_new_tokens] (None: max_new_tokens for all); "
+                                             "EOS and --stop still end a response earlier")
+    reward_input: Optional[str] = _f(None, "what --reward vader and --reward_model score: response | "
+                                           "prompt_response (None: prompt_response, as Padula & Soemers' "
+                                           "imdb_ppo.py; other rewards get both and choose)",
+                                     ("response", "prompt_response", None))
+    log_samples: int = _f(4, "per step, append the first N (prompt, response, reward) of the rollout to "
+                             "<output_dir>/samples.jsonl (0: off)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"flag": False})
 
     def resolved(self, explicit=()) -> "TrainConfig":
@@ -217,6 +232,8 @@ class TrainConfig:
         if cfg.reward is None and cfg.reward_model is None:
             cfg.reward = {"arithmetic": "arithmetic", "padula-arithmetic": "padula-arithmetic",
                           "sentiment": "vader"}.get(cfg.task)
+        if cfg.reward_input is None and (cfg.reward == "vader" or cfg.reward_model):
+            cfg.reward_input = "prompt_response"
         if cfg.critic_learning_rate is None:
             cfg.critic_learning_rate = cfg.learning_rate
         if cfg.sft_steps is None:
@@ -293,6 +310,8 @@ def build_parser(prog="fastrlhf train") -> argparse.ArgumentParser:
                 group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
             elif f.name == "resume":
                 group.add_argument("--resume", nargs="?", const="latest", metavar="PATH", **kw)
+            elif f.name == "stop":
+                group.add_argument("--stop", action="append", metavar="STRING", **kw)
             else:
                 if choices:
                     kw["help"] += f" {{{', '.join(map(str, choices))}}}"
@@ -406,7 +425,7 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
 # checkpoint's, since the saved weights, optimizer state, running statistics and random streams depend on it.
 RESUMABLE = ("resume", "overwrite_output_dir", "output_dir", "max_steps", "save_steps", "save_minutes",
              "save_total_limit", "report_to", "logging_steps", "eval_samples", "num_threads", "device",
-             "learning_rate", "critic_learning_rate", "max_memory_gb")
+             "learning_rate", "critic_learning_rate", "max_memory_gb", "log_samples")
 
 
 def _flat(d: dict) -> dict:
@@ -461,7 +480,7 @@ def validate(cfg: TrainConfig):
         v = getattr(cfg, name)
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    for name in ("save_steps", "sft_steps", "warmup_steps", "top_k", "reward_label"):
+    for name in ("save_steps", "sft_steps", "warmup_steps", "top_k", "log_samples"):
         v = getattr(cfg, name)
         if not (isinstance(v, int) and v >= 0):
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
@@ -497,6 +516,21 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"gamma, lam: expected numbers in [0, 1], got gamma={cfg.gamma!r}, lam={cfg.lam!r}")
     if not 0 <= cfg.sft_noise <= 1:
         raise ValueError(f"sft_noise: expected a number in [0, 1], got {cfg.sft_noise!r}")
+    if cfg.reward_label is not None and not (isinstance(cfg.reward_label, int) and cfg.reward_label >= 0):
+        raise ValueError(f"reward_label: expected None or an int >= 0, got {cfg.reward_label!r}")
+    if cfg.stop is not None and not (isinstance(cfg.stop, list) and cfg.stop
+                                     and all(isinstance(x, str) and x for x in cfg.stop)):
+        raise ValueError(f"stop: expected a list of non-empty strings, got {cfg.stop!r}")
+    if cfg.min_new_tokens is not None and not (isinstance(cfg.min_new_tokens, int)
+                                               and 1 <= cfg.min_new_tokens <= cfg.max_new_tokens):
+        raise ValueError(f"min_new_tokens: expected None or an int in [1, max_new_tokens={cfg.max_new_tokens}], "
+                         f"got {cfg.min_new_tokens!r}")
+    _choice("reward_input", cfg.reward_input, ("response", "prompt_response", None))
+    if cfg.reward_input is not None and cfg.reward != "vader" and not cfg.reward_model:
+        raise ValueError(f"reward_input: applies to --reward vader and --reward_model (a reward function gets "
+                         f"prompts and responses and chooses), got --reward {cfg.reward!r}")
+    if cfg.reward_label is not None and not cfg.reward_model:
+        raise ValueError(f"reward_label: applies to --reward_model, got --reward {cfg.reward!r}")
     # combinations
     if cfg.prompts and not Path(cfg.prompts).is_file():
         raise ValueError(f"prompts: expected an existing file, got {cfg.prompts!r}")

@@ -15,7 +15,7 @@ from . import checkpoint
 from .config import TrainConfig, validate
 from .rewards import BUILTIN_REWARDS, scores_tensor
 from .tasks import load_prompts
-from .train import Run, quiet_transformers, reward_source, sample, setup
+from .train import Run, quiet_transformers, response_lengths, reward_source, sample, setup
 
 
 @torch.no_grad()
@@ -23,10 +23,12 @@ def evaluate(run: Run, n: int, *, seed: int, prompts=None) -> float:
     """Mean score (unscaled) of greedy responses to `n` held-out prompts. Uses its own generators,
     so evaluating never changes the training run's random streams."""
     prompts = prompts or run.job.task.sample(n, random.Random(10**6 + seed))  # a stream training never draws
+    lengths = response_lengths(run.cfg, len(prompts), random.Random(2 * 10**6 + seed))   # --min_new_tokens
     scores = []
     for s in range(0, len(prompts), 64):
         chunk = prompts[s:s + 64]
-        *_, texts, _ = sample(run, chunk, temperature=0.0, generator=torch.Generator(run.device).manual_seed(seed))
+        *_, texts, _ = sample(run, chunk, temperature=0.0, generator=torch.Generator(run.device).manual_seed(seed),
+                              lengths=None if lengths is None else lengths[s:s + 64])
         scores += scores_tensor(run.job.reward_fn(chunk, texts), len(chunk), "cpu", source=reward_source(run.cfg)).tolist()
     return sum(scores) / len(scores)
 

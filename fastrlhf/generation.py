@@ -5,8 +5,20 @@ padded, `attention_mask`) is prefilled in one forward, then each decode step run
 token per row and draws with `fastrlhf.ops.sample_tokens`. On CUDA the decode forward is captured
 once in a CUDA graph and replayed (falls back to eager, with one warning, when capture fails; a
 model that cannot use transformers' StaticCache decodes over its own cache, also with a warning).
-Finished rows (EOS drawn) keep running but emit `pad_token_id` with log-prob 0; the done flags
-stay on the device and are read back every `_CHECK_EVERY` steps to stop early.
+Finished rows keep running but emit `pad_token_id` with log-prob 0; the done flags stay on the
+device and are read back every `_CHECK_EVERY` steps to stop early.
+
+A row ends at the first of (README, "Sequence layout"):
+- an EOS token (`eos_token_id`), kept in the response;
+- its length limit: `response_lengths[b]` tokens (`draw_lengths` draws them uniformly per prompt,
+  as TRL's LengthSampler in Padula & Soemers' sentiment/imdb_ppo.py), else `max_new_tokens`;
+- a stop string (`stop`, with `tokenizer`): the token whose decoding completes the first occurrence
+  of any stop string in the row's decoded response, kept in the response (like EOS). `strip_stop`
+  removes the stop string and what follows from the response text, as trlx's `decode` does
+  (`str_output[:stop_ix].rstrip()`, trlx/trainer/accelerate_base_trainer.py of microsoft/RLHF-APA,
+  whose examples/apa_hh.py stops at "Human:", "human:", "Assistant:", "assistant:").
+A token drawn after a row ended is `pad_token_id` with log-prob 0 and mask 0. Every row draws at every
+step whatever its state, so how rows end never changes the random stream of the others.
 
 The parts, as in gpt-fast's generate.py: `check_inputs`, `prefill` (prompt forward -> first logits
 and a decoder, the object that runs one decode forward), `decode_one_token` (one draw per row),
@@ -16,9 +28,10 @@ and a decoder, the object that runs one decode forward), `decode_one_token` (one
 from __future__ import annotations
 
 import inspect
+import random
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -33,7 +46,8 @@ _CHECK_EVERY = 16
 class Generation:
     """sequences [B, P + n]: the prompt (left padded, as given) then n generated tokens, `pad_token_id`
     after a row's EOS; n <= max_new_tokens (smaller when every row stopped early).
-    response_mask [B, n] int64: 1 up to and including the EOS token, 0 after.
+    response_mask [B, n] int64: 1 up to and including the token that ended the row (EOS, the last of
+    its length limit, or the one completing a stop string), 0 after (right padded).
     logprobs [B, n] float32: log-prob of each drawn token under the tempered full softmax, 0 where masked.
     """
     sequences: torch.Tensor
@@ -259,19 +273,25 @@ def decode_one_token(logits: torch.Tensor, done: torch.Tensor, *, eos: Optional[
 
 def decode_n_tokens(decoder, logits: torch.Tensor, max_new_tokens: int, *, eos: Optional[torch.Tensor],
                     pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    generator: Optional[torch.Generator] = None
+                    generator: Optional[torch.Generator] = None, lengths: Optional[torch.Tensor] = None,
+                    stopped: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decode loop from prefill's logits [B, V] and decoder -> (tokens [B, n] int64, logprobs [B, n]
-    float32, live [B, n] bool), live[:, t] = the row had not drawn an EOS before step t.
+    float32, live [B, n] bool), live[:, t] = the row had not ended before step t: no EOS drawn, fewer
+    than lengths[b] tokens (lengths [B] int64 on the device, each in [1, max_new_tokens]; None: no
+    per-row limit), and `stopped` had not flagged it.
 
-    n = max_new_tokens, or the first t + 1 with t % _CHECK_EVERY == _CHECK_EVERY - 1 (the only steps at
-    which the done flags are read on the host) at which every row is done. Runs under torch.no_grad()
-    (as `generate` calls it)."""
+    `stopped(tokens [B, t + 1], live [B, t + 1]) -> [B] bool` (rows whose response so far holds a stop
+    string) is called only at the host-check steps, so a row it flags may have drawn a few tokens after
+    its stop; `generate` cuts them (`stop_index`). n = max_new_tokens, or the first t + 1 with
+    t % _CHECK_EVERY == _CHECK_EVERY - 1 (the only steps at which the done flags are read on the host)
+    at which every row is done. Runs under torch.no_grad() (as `generate` calls it)."""
     B, device, N = logits.shape[0], logits.device, max_new_tokens
     tokens = torch.full((B, N), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, N, dtype=torch.float32, device=device)
     live = torch.ones(B, N, dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    can_end = eos is not None or lengths is not None or stopped is not None
     for t in range(N):
         if t > 0:
             logits = decoder(tokens[:, t - 1], t - 1)
@@ -279,34 +299,112 @@ def decode_n_tokens(decoder, logits: torch.Tensor, max_new_tokens: int, *, eos: 
         tokens[:, t], logprobs[:, t], done = decode_one_token(
             logits, done, eos=eos, pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
             top_p=top_p, generator=generator)
-        if eos is not None and t % _CHECK_EVERY == _CHECK_EVERY - 1 and t + 1 < N and bool(done.all()):
-            return tokens[:, : t + 1], logprobs[:, : t + 1], live[:, : t + 1]
+        if lengths is not None:
+            done = done | (lengths <= t + 1)
+        if can_end and t % _CHECK_EVERY == _CHECK_EVERY - 1 and t + 1 < N:
+            if stopped is not None:
+                done = done | stopped(tokens[:, : t + 1], live[:, : t + 1])
+            if bool(done.all()):
+                return tokens[:, : t + 1], logprobs[:, : t + 1], live[:, : t + 1]
     return tokens, logprobs, live
+
+
+def draw_lengths(n: int, min_new_tokens: int, max_new_tokens: int, rng: random.Random) -> List[int]:
+    """`n` response-length limits drawn independently and uniformly from [min_new_tokens, max_new_tokens]
+    (both included), one `rng.randint` each. TRL's LengthSampler(a, b), as Padula & Soemers'
+    sentiment/imdb_ppo.py uses it (`LengthSampler(4, 16)`, one draw per prompt), draws from range(a, b):
+    b excluded, so theirs is min 4, max 15 here."""
+    if not (isinstance(min_new_tokens, int) and 1 <= min_new_tokens <= max_new_tokens):
+        raise ValueError(f"min_new_tokens: expected an int in [1, max_new_tokens={max_new_tokens}], "
+                         f"got {min_new_tokens!r}")
+    return [rng.randint(min_new_tokens, max_new_tokens) for _ in range(n)]
+
+
+def _check_stop(stop) -> tuple:
+    if isinstance(stop, str):
+        stop = (stop,)
+    stop = tuple(stop or ())
+    if not all(isinstance(x, str) and x for x in stop):
+        raise ValueError(f"stop: expected non-empty strings, got {stop!r}")
+    return stop
+
+
+def stop_index(tokenizer, ids: Sequence[int], stop: Sequence[str]) -> Optional[int]:
+    """The index of the token of `ids` (a response) whose decoding completes the first stop string: the
+    smallest t such that tokenizer.decode(ids[:t + 1], skip_special_tokens=True) contains one of `stop`;
+    None when the whole response holds none. Binary search over prefixes (a prefix's text is a prefix of
+    the longer one's), O(log n) decodes."""
+    def hit(k):
+        text = tokenizer.decode(list(ids[:k]), skip_special_tokens=True)
+        return any(s in text for s in stop)
+    if not stop or not ids or not hit(len(ids)):
+        return None
+    lo, hi = 1, len(ids)           # hit(hi) holds; find the smallest k with hit(k)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+    return lo - 1
+
+
+def strip_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` cut before the first occurrence of any stop string, trailing whitespace removed (trlx's
+    decode: `str_output[:stop_ix].rstrip()` for each stop in turn, the same as cutting at the earliest);
+    unchanged when it holds none."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
+    return text if cut is None else text[:cut].rstrip()
 
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> Generation:
+             generator: Optional[torch.Generator] = None, response_lengths: Optional[Sequence[int]] = None,
+             stop: Union[str, Sequence[str], None] = None, tokenizer=None) -> Generation:
     """Sample up to `max_new_tokens` tokens per row from `model` after the left-padded prompts
     `input_ids` [B, P] (`attention_mask` [B, P]: 0 on the left padding; None = no padding).
 
-    temperature / top_k / top_p as in `fastrlhf.sample_tokens` (temperature 0 or top_k 1 is greedy);
-    a row stops after it draws a token in `eos_token_id`; `pad_token_id` (default: the first EOS id,
-    else 0) fills the positions after. Returns a `Generation`.
+    temperature / top_k / top_p as in `fastrlhf.sample_tokens` (temperature 0 or top_k 1 is greedy).
+    A row ends (module docstring) after it draws a token in `eos_token_id`, after `response_lengths[b]`
+    tokens (B ints in [1, max_new_tokens]; None: max_new_tokens), or at the token completing a string of
+    `stop` (a string or several; needs `tokenizer`, anything with `decode(ids, skip_special_tokens=True)`);
+    `pad_token_id` (default: the first EOS id, else 0) fills the positions after. Returns a `Generation`.
     """
     mask, eos, pad_token_id = check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+    stop = _check_stop(stop)
+    if stop and not callable(getattr(tokenizer, "decode", None)):
+        raise ValueError(f"tokenizer: stop strings {stop!r} need a tokenizer with decode(), got {tokenizer!r}")
+    lengths = None
+    if response_lengths is not None:
+        lengths = torch.as_tensor(list(response_lengths), dtype=torch.long)
+        if lengths.shape != (input_ids.shape[0],) or bool(((lengths < 1) | (lengths > max_new_tokens)).any()):
+            raise ValueError(f"response_lengths: expected {input_ids.shape[0]} ints in [1, max_new_tokens="
+                             f"{max_new_tokens}], got {list(response_lengths)!r}")
+        lengths = lengths.to(input_ids.device)
+
+    def stopped(tokens, live):   # [B, t] on the device -> [B] bool: the rows whose response holds a stop string
+        rows = [[i for i, keep in zip(r, k) if keep] for r, k in zip(tokens.tolist(), live.tolist())]
+        return torch.tensor([stop_index(tokenizer, r, stop) is not None for r in rows], device=tokens.device)
+
     logits, decoder = prefill(model, input_ids, mask, max_new_tokens)
     tokens, logprobs, live = decode_n_tokens(decoder, logits, max_new_tokens, eos=eos, pad_token_id=pad_token_id,
                                              temperature=temperature, top_k=top_k, top_p=top_p,
-                                             generator=generator)
-    # drop the columns after every row's EOS: n = the longest response
+                                             generator=generator, lengths=lengths,
+                                             stopped=stopped if stop else None)
+    if stop:   # end each row at the token completing its first stop string; pads after it
+        n_live = live.sum(-1).tolist()
+        for b, row in enumerate(tokens.tolist()):
+            t = stop_index(tokenizer, row[:n_live[b]], stop)
+            if t is not None:
+                live[b, t + 1:] = False
+        tokens = tokens.masked_fill(~live, pad_token_id)
+        logprobs = logprobs.masked_fill(~live, 0.0)
+    # drop the columns after every row's end: n = the longest response (>= 1: step 0 is always live)
     response_mask = live.long()
-    n = int(response_mask.sum(-1).max()) if eos is not None else tokens.shape[1]
+    n = int(response_mask.sum(-1).max())
     return Generation(sequences=torch.cat([input_ids, tokens[:, :n]], dim=1),
                       response_mask=response_mask[:, :n].contiguous(),
                       logprobs=logprobs[:, :n].contiguous())
 
 
-__all__ = ["Generation", "generate", "check_inputs", "prefill", "decode_one_token", "decode_n_tokens"]
+__all__ = ["Generation", "generate", "check_inputs", "prefill", "decode_one_token", "decode_n_tokens", "draw_lengths",
+           "stop_index", "strip_stop"]

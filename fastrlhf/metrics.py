@@ -1,5 +1,5 @@
-"""Run metrics: `<output_dir>/metrics.jsonl` (one JSON object per step), optional TensorBoard,
-a PNG of the reward / KL / entropy curves, and the final summary."""
+"""Run metrics: `<output_dir>/metrics.jsonl` (one JSON object per step), `<output_dir>/samples.jsonl` (a
+few samples per step), optional TensorBoard, a PNG of the reward / KL / entropy curves, and the final summary."""
 from __future__ import annotations
 
 import json
@@ -48,6 +48,31 @@ class MetricsLogger:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+class SampleLogger:
+    """Appends, per step, the first `n` samples of the rollout to samples.jsonl, one JSON object per sample:
+    {"step", "prompt", "response", "reward"} (the response text as the reward saw it, the raw reward).
+
+    As MetricsLogger: a step's lines go in one `write` (a kill tears at most the last line, which
+    `read_metrics` skips), and at start the file is cut to the records of steps <= `start_step` through a
+    temporary file and `os.replace`, so a resumed run's file equals an uninterrupted run's. `n` = 0 writes
+    nothing and leaves the file alone."""
+
+    def __init__(self, output_dir, n: int, *, start_step: int = 0):
+        if not (isinstance(n, int) and n >= 0):
+            raise ValueError(f"log_samples: expected an int >= 0, got {n!r}")
+        self.n, self.path = n, Path(output_dir) / "samples.jsonl"
+        if n:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+            _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, step: int, prompts, responses, rewards):
+        rows = list(zip(prompts, responses, rewards))[:self.n]
+        if rows:
+            _append_line(self.path, "".join(json.dumps({"step": step, "prompt": p, "response": r,
+                                                        "reward": float(x)}) + "\n" for p, r, x in rows))
 
 
 def _plain(v):

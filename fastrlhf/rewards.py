@@ -10,7 +10,7 @@ import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -80,17 +80,45 @@ def chain_arithmetic_reward(prompts: Sequence[str], responses: Sequence[str]):
     return [2.0 / (1.0 + math.exp(chain_error(p + r) / CHAIN_ERROR_SCALE)) for p, r in zip(prompts, responses)]
 
 
+REWARD_INPUTS = ("response", "prompt_response")
+
+
+def reward_texts(prompts: Sequence[str], responses: Sequence[str], reward_input: str = "prompt_response") -> List[str]:
+    """The texts a sentiment scorer reads: `prompt + response` (no separator), as Padula & Soemers'
+    sentiment/imdb_ppo.py passes them to its pipeline and to VADER (`texts = [q + r for q, r in
+    zip(batch["query"], batch["response"])]`), or the response alone."""
+    if reward_input not in REWARD_INPUTS:
+        raise ValueError(f"reward_input: expected one of {REWARD_INPUTS}, got {reward_input!r}")
+    return [p + r for p, r in zip(prompts, responses)] if reward_input == "prompt_response" else list(responses)
+
+
 _VADER = None
 
 
-def vader_reward(prompts: Sequence[str], responses: Sequence[str]):
-    """VADER compound sentiment of the response, in [-1, 1] (Hutto & Gilbert 2014), as the
-    programmed sentiment reward."""
+def vader_reward(prompts: Sequence[str], responses: Sequence[str], *, reward_input: str = "prompt_response"):
+    """VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014) of `reward_texts` (default prompt +
+    response, as imdb_ppo.py's `sia.polarity_scores(text)["compound"]` over `q + r`; theirs is nltk's port of
+    VADER, this the vaderSentiment package, which ships its lexicon)."""
     global _VADER
     if _VADER is None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         _VADER = SentimentIntensityAnalyzer()
-    return [_VADER.polarity_scores(r)["compound"] for r in responses]
+    return [_VADER.polarity_scores(t)["compound"] for t in reward_texts(prompts, responses, reward_input)]
+
+
+def default_label(config) -> int:
+    """The score logit of a sequence-classification model with `config` (num_labels, id2label): the label
+    named POSITIVE (any case; lvwerra/distilbert-imdb's id2label {0: NEGATIVE, 1: POSITIVE}, which
+    imdb_ppo.py reads as `output[1]["score"]`), else 0 for a one-logit model (a reward model), else a
+    ValueError listing the labels."""
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    positive = [i for i, name in sorted(id2label.items()) if name.upper() == "POSITIVE"]
+    if len(positive) == 1:
+        return positive[0]
+    if config.num_labels == 1:
+        return 0
+    raise ValueError(f"reward_label: the reward model has {config.num_labels} labels {id2label} and none is named "
+                     f"POSITIVE; pass --reward_label with the index of the label to score")
 
 
 def load_callable(spec: str) -> Callable:
@@ -120,17 +148,23 @@ def load_callable(spec: str) -> Callable:
 
 
 class RewardModel:
-    """A Hugging Face sequence-classification model as a reward: the score of `prompt + response`
-    is logit `label` at the last non-pad token. Uses the model's own tokenizer when the
-    directory has one, else `fallback_tokenizer` (the policy's)."""
+    """A Hugging Face sequence-classification model as a reward: the score of `reward_texts(prompts,
+    responses, reward_input)` (default prompt + response) is logit `label` (None: `default_label`) at the
+    last non-pad token. Uses the model's own tokenizer when the directory has one, else
+    `fallback_tokenizer` (the policy's)."""
 
-    def __init__(self, path, *, label: int = 0, device="cpu", fallback_tokenizer=None, dtype=None,
-                 batch_size: int = 16):
+    def __init__(self, path, *, label: Optional[int] = None, device="cpu", fallback_tokenizer=None, dtype=None,
+                 batch_size: int = 16, reward_input: str = "prompt_response"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if reward_input not in REWARD_INPUTS:
+            raise ValueError(f"reward_input: expected one of {REWARD_INPUTS}, got {reward_input!r}")
+        self.reward_input = reward_input
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
         n = self.model.config.num_labels
+        if label is None:
+            label = default_label(self.model.config)
         if not 0 <= label < n:
             raise ValueError(f"reward_label: expected an int in [0, {n}) for {path}, got {label}")
         try:
@@ -150,7 +184,7 @@ class RewardModel:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
         scores = []
-        texts = [p + r for p, r in zip(prompts, responses)]
+        texts = reward_texts(prompts, responses, self.reward_input)
         for s in range(0, len(texts), self.batch_size):
             ids = [list(self.tokenizer.encode(t)) or [self.pad_id] for t in texts[s:s + self.batch_size]]
             width = max(map(len, ids))
@@ -165,18 +199,22 @@ class RewardModel:
         return scores
 
 
-def make_reward(name, *, reward_model=None, reward_label=0, partial_credit=False, device="cpu",
-                tokenizer=None, dtype=None) -> Callable:
-    """Resolve `--reward` / `--reward_model` to a `(prompts, responses) -> scores` callable."""
+def make_reward(name, *, reward_model=None, reward_label=None, partial_credit=False, device="cpu",
+                tokenizer=None, dtype=None, reward_input=None) -> Callable:
+    """Resolve `--reward` / `--reward_model` to a `(prompts, responses) -> scores` callable. `reward_input`
+    (vader and reward models; None: prompt_response) is what they score (`reward_texts`)."""
+    reward_input = reward_input or "prompt_response"
     if reward_model:
         return RewardModel(reward_model, label=reward_label, device=device, fallback_tokenizer=tokenizer,
-                           dtype=dtype)
+                           dtype=dtype, reward_input=reward_input)
     if name == "arithmetic":
         return lambda prompts, responses: arithmetic_reward(prompts, responses, partial_credit=partial_credit)
     if name == "padula-arithmetic":
         return chain_arithmetic_reward
     if name == "vader":
-        return vader_reward
+        if reward_input not in REWARD_INPUTS:
+            raise ValueError(f"reward_input: expected one of {REWARD_INPUTS}, got {reward_input!r}")
+        return lambda prompts, responses: vader_reward(prompts, responses, reward_input=reward_input)
     return load_callable(name)
 
 

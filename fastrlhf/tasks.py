@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import random
 from dataclasses import dataclass
@@ -134,6 +135,29 @@ class ChainArithmeticTask:
             if len(prompt) <= self.max_chars:
                 out.append(prompt)
         return out
+
+    def answer_metrics(self, prompts: Sequence[str], responses: Sequence[str]) -> dict:
+        """Per-rollout statistics of the answers (logged by `fastrlhf train` for this task), over the B
+        responses, each stripped of surrounding spaces (an answer is one token, e.g. `20`; anything else is
+        counted as given):
+            exact_rate        fraction of responses that are the exact answer (an integer equal to solve_chain)
+            distinct_answers  number of different answers given
+            answer_entropy    -sum_a f_a log f_a (nats), f_a = the fraction of responses giving answer a:
+                              0 when every prompt gets the same answer, log B when all differ
+            answer_mode_frac  max_a f_a, the share of the most common answer (1: the policy gives one
+                              answer to every prompt, the collapse Padula & Soemers' batch entropy targets)
+        """
+        answers = [r.strip() for r in responses]
+        if not answers:
+            raise ValueError("responses: expected at least one response, got none")
+        exact = sum(a.isdigit() and int(a) == solve_chain(p) for p, a in zip(prompts, answers))
+        counts = {}
+        for a in answers:
+            counts[a] = counts.get(a, 0) + 1
+        n = len(answers)
+        return {"exact_rate": exact / n, "distinct_answers": len(counts),
+                "answer_entropy": -sum(c / n * math.log(c / n) for c in counts.values()),
+                "answer_mode_frac": max(counts.values()) / n}
 
     def solved(self, n: int, rng: random.Random) -> List[str]:
         """`n` solved chains, e.g. `3 + 10 + 7 = 13 + 7 = 20`: the supervised examples of gpt_math.py's

@@ -33,7 +33,7 @@ from . import checkpoint, metrics, ops
 from .algos import AdaptiveKL, RunningMoments, advantages_and_returns, scale_scores, token_rewards
 from .config import TrainConfig, parse_args
 from .fused_linear import fused_linear_policy_loss
-from .generation import generate
+from .generation import draw_lengths, generate, strip_stop
 from .hf import output_layer
 from .memory import PhaseMemory, out_of_memory_message, plan_memory
 from .models import Bundle, load
@@ -187,7 +187,8 @@ def setup(cfg: TrainConfig) -> Run:
     bundle = load(cfg.model, device)
     task = make_task(cfg.task, digits=cfg.digits, operators=cfg.operators, prompts_file=cfg.prompts)
     reward_fn = make_reward(cfg.reward, reward_model=cfg.reward_model, reward_label=cfg.reward_label,
-                            partial_credit=cfg.partial_credit, device=device, tokenizer=bundle.tokenizer)
+                            partial_credit=cfg.partial_credit, device=device, tokenizer=bundle.tokenizer,
+                            reward_input=cfg.reward_input)
     optimizer = make_optimizer(bundle.policy_parameters(), cfg.optim, lr=cfg.learning_rate,
                                weight_decay=cfg.weight_decay)
     critic_params = bundle.critic_parameters()
@@ -276,9 +277,17 @@ class Rollout:
         return Rollout(P=self.P, texts=[self.texts[i] for i in idx.tolist()], **cut)
 
 
-def sample(run: Run, prompts, *, temperature=None, generator=None):
+def response_lengths(cfg: TrainConfig, n: int, rng: random.Random):
+    """Per-prompt response-length limits drawn from `rng` with --min_new_tokens (uniform in [min_new_tokens,
+    max_new_tokens]), else None (every row may take max_new_tokens; nothing is drawn)."""
+    return None if cfg.min_new_tokens is None else draw_lengths(n, cfg.min_new_tokens, cfg.max_new_tokens, rng)
+
+
+def sample(run: Run, prompts, *, temperature=None, generator=None, lengths=None):
     """Generate responses -> (input_ids [B, P+n], attn [B, P+n], P, response_mask [B, n], texts,
-    sampling log-probs [B, n])."""
+    sampling log-probs [B, n]). `lengths`: B per-row length limits (`response_lengths`) or None. With
+    --stop, a response's tokens end at its stop string's last token and its text is cut before it
+    (fastrlhf.generation.strip_stop)."""
     cfg, tok = run.cfg, run.bundle.tokenizer
     ids, attn = encode_prompts(tok, prompts, cfg.max_prompt_length, run.device)
     run.bundle.policy.eval()
@@ -290,7 +299,9 @@ def sample(run: Run, prompts, *, temperature=None, generator=None):
                                  temperature=cfg.temperature if temperature is None else temperature,
                                  top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id,
-                                 generator=run.streams.sample if generator is None else generator))
+                                 generator=run.streams.sample if generator is None else generator,
+                                 response_lengths=None if lengths is None else lengths[s:s + chunk],
+                                 stop=cfg.stop, tokenizer=tok))
     # every chunk's responses (their valid tokens), right padded to the longest response of all
     responses = [row[:k] for g in gens
                  for row, k in zip(g.sequences[:, P:].tolist(), g.response_mask.sum(1).tolist())]
@@ -298,6 +309,8 @@ def sample(run: Run, prompts, *, temperature=None, generator=None):
     sample_lp = torch.zeros(rmask.shape, dtype=torch.float32, device=run.device).masked_scatter_(
         rmask.bool(), torch.cat([g.logprobs[g.response_mask.bool()] for g in gens]))   # 0 on padding
     texts = tok.batch_decode(resp.tolist(), skip_special_tokens=True)
+    if cfg.stop:
+        texts = [strip_stop(t, cfg.stop) for t in texts]
     return torch.cat([ids, resp], dim=1), torch.cat([attn, rmask], dim=1), P, rmask, texts, sample_lp
 
 
@@ -327,7 +340,8 @@ def rollout(run: Run, prompts) -> Rollout:
     """Steps 2-6 of an iteration: generate, score, no-grad passes, KL-shaped rewards, GAE + whitening."""
     cfg, shaping = run.cfg, run.shaping
     with phase(run, "generation"):
-        seq, attn, P, mask, texts, sample_lp = sample(run, prompts)
+        seq, attn, P, mask, texts, sample_lp = sample(run, prompts,
+                                                      lengths=response_lengths(cfg, len(prompts), run.streams.data))
     labels = seq[:, P:]
     with phase(run, "scoring"):
         raw = scores_tensor(run.job.reward_fn(prompts, texts), len(prompts), run.device,
@@ -461,6 +475,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.eval_samples:
             run.eval_before = evaluate(run, cfg.eval_samples, seed=cfg.seed)
     log = metrics.MetricsLogger(out_dir, report_to=cfg.report_to, start_step=run.step)
+    samples = metrics.SampleLogger(out_dir, cfg.log_samples, start_step=run.step)
     batch = rollout_batch(cfg)
     bar = tqdm(range(run.step + 1, cfg.max_steps + 1), initial=run.step, total=cfg.max_steps, desc=cfg.algo,
                dynamic_ncols=True, disable=None)
@@ -492,8 +507,9 @@ def train(cfg: TrainConfig) -> dict:
                   "tokens_per_s": roll.response_len.sum().item() / dt, "step_time_s": dt,
                   "lr": run.optim.scheduler.get_last_lr()[0],
                   "peak_mem_mib": max(run.memory.peaks.values()) or metrics.peak_mem_mib(run.device),
-                  **run.memory.metrics()}
+                  **run.memory.metrics(), **task_metrics(run, prompts, roll.texts)}
         log.log(record)                                                    # 9. metrics
+        samples.log(step, prompts, roll.texts, roll.raw_scores.tolist())
         if step % cfg.logging_steps == 0:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{kl:.3f}",
                             ent=f"{record['entropy']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -515,6 +531,13 @@ def train(cfg: TrainConfig) -> dict:
         line += f" | held-out reward {summary['eval_before']:.3f} -> {summary['eval_after']:.3f}"
     print(line, file=sys.stderr)
     return summary
+
+
+def task_metrics(run: Run, prompts, texts) -> dict:
+    """The task's own statistics of a rollout's responses (`answer_metrics`, e.g. ChainArithmeticTask's exact
+    rate and answer diversity), or none."""
+    fn = getattr(run.job.task, "answer_metrics", None)
+    return fn(prompts, texts) if fn is not None else {}
 
 
 def reward_source(cfg: TrainConfig) -> str:

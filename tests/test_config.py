@@ -124,6 +124,8 @@ def test_recipes_record_their_sources_values():
                                "max_new_tokens")} \
         == dict(task="sentiment", reward="vader", per_device_batch_size=256, learning_rate=1.41e-5, kl_coef=0.0,
                 ppo_epochs=4, max_new_tokens=15)
+    assert (ps["min_new_tokens"], ps["reward_input"]) == (4, "prompt_response")   # LengthSampler(4, 16); q + r
+    assert apa["stop"] == ["Human:", "human:", "Assistant:", "assistant:"]          # apa_hh.py stop_sequences
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,3 +268,35 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path):
         parse_args(["--model_name_or_path", str(tmp_path / "missing")])
     with pytest.raises(ValueError, match=r"model_name_or_path: .*a directory without a usable config.json"):
         parse_args(["--model_name_or_path", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# response endings, reward input, logged samples
+# ---------------------------------------------------------------------------------------------------
+
+def test_stop_min_new_tokens_reward_input_flags(tmp_path):
+    cfg = parse_args(["--stop", "Human:", "--stop", "Assistant:", "--min_new_tokens", "2"])
+    assert cfg.stop == ["Human:", "Assistant:"] and cfg.min_new_tokens == 2 and cfg.log_samples == 4
+    assert parse_args([]).stop is None and parse_args([]).reward_input is None
+    f = tmp_path / "c.yaml"
+    f.write_text("stop: ['###']\n")
+    assert parse_args(["--config", str(f)]).stop == ["###"]
+    assert parse_args(["--task", "sentiment"]).reward_input == "prompt_response"
+    assert parse_args(["--task", "sentiment", "--reward_input", "response"]).reward_input == "response"
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    assert parse_args(["--task", "sentiment", "--reward_model", str(rm)]).reward_input == "prompt_response"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--min_new_tokens", "5", "--max_new_tokens", "4"], "min_new_tokens"),
+    (["--min_new_tokens", "0"], "min_new_tokens"),
+    (["--reward_input", "response"], "reward_input: applies to --reward vader"),
+    (["--reward_label", "1"], "reward_label: applies to --reward_model"),
+    (["--log_samples", "-1"], "log_samples"),
+])
+def test_new_flags_refuse_bad_values(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
+    with pytest.raises(ValueError, match="stop"):
+        config.validate(dataclasses.replace(parse_args([]), stop=["ok", ""]))

@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from fastrlhf.generation import check_inputs, decode_n_tokens, decode_one_token, generate, prefill
+from fastrlhf.generation import (check_inputs, decode_n_tokens, decode_one_token, draw_lengths, generate, prefill,
+                                 stop_index, strip_stop)
 
 transformers = pytest.importorskip("transformers")
 
@@ -299,3 +300,135 @@ def test_no_deprecated_cache_argument(static, monkeypatch):
         out = generate(model, ids, mask, max_new_tokens=6, temperature=0.0, pad_token_id=0)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
     assert torch.equal(out.sequences, _hf_greedy(model, ids, mask, 6, None))
+
+
+# ---------------------------------------------------------------------------------------------------
+# response endings: stop strings, per-row length limits (fastrlhf.generation module docstring)
+# ---------------------------------------------------------------------------------------------------
+
+class _TwoCharTokenizer:
+    """Token id i decodes to two characters, so a stop string can straddle two tokens; id 0 (the pad) is
+    special and skipped."""
+
+    @staticmethod
+    def piece(i):
+        return chr(65 + i % 26) + chr(97 + (i // 26) % 26)
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.piece(i) for i in ids if not (skip_special_tokens and i == 0))
+
+
+def _first_stop_token(text_of_row, stop):
+    """The token index that completes the earliest stop string, from the character offsets (2 per token)."""
+    hits = [text_of_row.find(s) + len(s) - 1 for s in stop if s in text_of_row]
+    return min(hits) // 2 if hits else None
+
+
+@pytest.mark.parametrize("max_new", [10, 40])  # 40: the rows end before the host check at step 16 (early exit)
+def test_stop_string_ends_the_mask_and_keeps_the_stream(max_new):
+    model, tok = _model("llama"), _TwoCharTokenizer()
+    ids, mask = _prompts()
+    g = lambda: torch.Generator().manual_seed(5)   # noqa: E731
+    free = generate(model, ids, mask, max_new_tokens=max_new, pad_token_id=0, generator=g())
+    resp = free.sequences[:, 7:].tolist()
+    texts = [tok.decode(r) for r in resp]
+    # row 0: a stop made of the 2nd character of token 2 and the 1st of token 3 (straddles); row 1: token 1's
+    # text; row 2: token 4's (with max_new 10 row 2 gets none of its own, and may still hold one of these)
+    stop = [texts[0][5:7], texts[1][2:4]] + ([texts[2][8:10]] if max_new == 40 else [])
+    forwards = []
+    hook = model.register_forward_hook(lambda *a: forwards.append(1))
+    out = generate(model, ids, mask, max_new_tokens=max_new, pad_token_id=0, generator=g(), stop=stop, tokenizer=tok)
+    hook.remove()
+    ends = [_first_stop_token(t, stop) for t in texts]
+    assert ends[0] <= 3 and ends[1] <= 1
+    n = max(max_new if e is None else e + 1 for e in ends)
+    assert out.response_mask.shape == (3, n)
+    if max_new == 40:   # every row stopped by step 4: the loop ends at the first host check (step 15), not at 40
+        assert len(forwards) == 16   # the prompt forward + 15 decode steps
+    for b, e in enumerate(ends):
+        k = max_new if e is None else e + 1
+        assert out.response_mask[b, :k].all() and not out.response_mask[b, k:].any()
+        # the same tokens and log-probs as without stop strings up to the stop, pads and 0 after
+        assert out.sequences[b, 7:7 + k].tolist() == resp[b][:k] and (out.sequences[b, 7 + k:] == 0).all()
+        assert torch.equal(out.logprobs[b, :k], free.logprobs[b, :k]) and (out.logprobs[b, k:] == 0).all()
+
+
+def test_stop_index_and_strip_stop():
+    tok = _TwoCharTokenizer()
+    ids = [1, 2, 3, 4]   # "BaCaDaEa"
+    assert stop_index(tok, ids, ["aC"]) == 1 and stop_index(tok, ids, ["Ea"]) == 3
+    assert stop_index(tok, ids, ["Ea", "Ca"]) == 1 and stop_index(tok, ids, ["x"]) is None
+    assert stop_index(tok, [], ["a"]) is None
+    assert strip_stop("Sure. Human: hi", ["Human:"]) == "Sure."
+    assert strip_stop("a Assistant: b Human: c", ["Human:", "Assistant:"]) == "a"   # the earliest one
+    assert strip_stop("no stop here ", ["Human:"]) == "no stop here "
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(_model("llama"), *_prompts(), max_new_tokens=2, stop="x")
+    with pytest.raises(ValueError, match="stop"):
+        generate(_model("llama"), *_prompts(), max_new_tokens=2, stop=[""], tokenizer=tok)
+
+
+def test_draw_lengths_uniform_in_range():
+    import random
+    lengths = draw_lengths(2000, 4, 16, random.Random(0))
+    assert min(lengths) == 4 and max(lengths) == 16     # both ends included
+    counts = [lengths.count(k) for k in range(4, 17)]
+    assert all(abs(c - 2000 / 13) < 60 for c in counts)  # ~154 each; 60 is > 4 sd of a binomial count
+    assert draw_lengths(5, 3, 3, random.Random(1)) == [3] * 5
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="min_new_tokens"):
+            draw_lengths(1, bad, 16, random.Random(0))
+
+
+def test_response_lengths_end_rows_and_eos_still_ends():
+    model = _model("llama")
+    ids, mask = _prompts()
+    g = lambda: torch.Generator().manual_seed(7)   # noqa: E731
+    free = generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, generator=g())
+    out = generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, generator=g(), response_lengths=[3, 12, 6])
+    assert out.response_mask.sum(1).tolist() == [3, 12, 6] and out.response_mask.shape == (3, 12)
+    for b, k in enumerate([3, 12, 6]):
+        assert out.sequences[b, 7:7 + k].tolist() == free.sequences[b, 7:7 + k].tolist()
+        assert (out.sequences[b, 7 + k:] == 0).all() and (out.logprobs[b, k:] == 0).all()
+    short = generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, generator=g(), response_lengths=[2, 5, 3])
+    assert short.response_mask.shape == (3, 5)     # n = the longest limit drawn
+    # EOS before the limit still ends the row: row 0's 3rd token as EOS, limit 8
+    eos = int(free.sequences[0, 7 + 2])
+    out = generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, generator=g(), eos_token_id=eos,
+                   response_lengths=[8, 8, 8])
+    first_eos = (free.sequences[0, 7:] == eos).nonzero()[0].item()
+    assert first_eos <= 2 and out.response_mask[0].sum().item() == first_eos + 1
+    with pytest.raises(ValueError, match="response_lengths"):
+        generate(model, ids, mask, max_new_tokens=12, response_lengths=[3, 13, 1])
+    with pytest.raises(ValueError, match="response_lengths"):
+        generate(model, ids, mask, max_new_tokens=12, response_lengths=[3, 4])
+
+
+def test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings(tmp_path):
+    import random
+
+    from fastrlhf import config, train
+    tiny = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_num_heads", "2",
+            "--tiny_intermediate_size", "64", "--sft_steps", "0", "--output_dir", str(tmp_path)]
+    run = train.setup(config.parse_args([*tiny, "--per_device_batch_size", "16", "--min_new_tokens", "2",
+                                         "--max_new_tokens", "9"]))
+    prompts = run.job.task.sample(16, run.streams.data)
+    copy = random.Random()
+    copy.setstate(run.streams.data.getstate())
+    roll = train.rollout(run, prompts)
+    want = draw_lengths(16, 2, 9, copy)           # the rollout's draw: the data stream, after the prompts
+    assert len(set(want)) > 1
+    eos = run.bundle.tokenizer.eos_token_id
+    for b, k in enumerate(roll.mask.sum(1).tolist()):
+        row = roll.labels[b].tolist()
+        ended = eos in row[:k]
+        assert k == want[b] or (ended and row.index(eos) == k - 1 and k < want[b])
+        assert roll.mask[b, :k].all() and not roll.mask[b, k:].any()   # right padded
+    # --stop: the text the reward sees ends before the stop string
+    run = train.setup(config.parse_args([*tiny, "--per_device_batch_size", "8", "--max_new_tokens", "6"]))
+    free = train.sample(run, prompts[:8], generator=torch.Generator().manual_seed(0))[4]
+    stop = next(t[1:3] for t in free if len(t) >= 3)
+    run = train.setup(config.parse_args([*tiny, "--per_device_batch_size", "8", "--max_new_tokens", "6",
+                                         "--stop", stop]))
+    cut = train.sample(run, prompts[:8], generator=torch.Generator().manual_seed(0))[4]
+    assert cut == [strip_stop(t, [stop]) for t in free] and cut != free

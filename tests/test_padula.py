@@ -260,11 +260,34 @@ def test_recipe_by_name_trains_the_builtin_gpt2(tmp_path):
 
     out = tmp_path / "run"
     argv = ["--recipe", "padula-arithmetic", "--max_steps", "2", "--per_device_batch_size", "8",
-            "--eval_samples", "4", "--output_dir", str(out)]
+            "--eval_samples", "4", "--output_dir", str(out), "--log_samples", "8"]
     assert train.main(argv) == 0
     recs = metrics.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
     assert all(r["response_len"] == 1.0 and 0.0 < r["reward_mean"] <= 1.0 for r in recs)
+    # the answer statistics of each step, recomputed from its logged samples (--log_samples 8 = the whole batch)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    for r in recs:
+        rows = [x for x in samples if x["step"] == r["step"]]
+        assert len(rows) == 8
+        exact = [x["reward"] == 1.0 for x in rows]   # reward 1 <=> error 0 <=> the exact answer
+        assert r["exact_rate"] == sum(exact) / 8
+        assert r["distinct_answers"] == len({x["response"].strip() for x in rows})
+
+
+def test_answer_metrics_against_hand_counts():
+    task = ChainArithmeticTask()
+    prompts = ["1 + 2 =", "3 + 4 =", "5 + 5 =", "1 + 1 =", "2 + 2 =", "9 + 9 ="]
+    responses = [" 3", "7", " 24", "24", "24 ", "+"]   # 2 exact; answers 3, 7, 24 x3, +
+    m = task.answer_metrics(prompts, responses)
+    assert m["exact_rate"] == 2 / 6 and m["distinct_answers"] == 4 and m["answer_mode_frac"] == 3 / 6
+    # entropy of the answer frequencies (1, 1, 3, 1) / 6, in nats
+    assert m["answer_entropy"] == pytest.approx(-(3 * (1 / 6) * math.log(1 / 6) + 0.5 * math.log(0.5)), abs=1e-12)
+    one = task.answer_metrics(prompts[:3], ["24"] * 3)     # a collapsed policy: one answer for all
+    assert one == {"exact_rate": 0.0, "distinct_answers": 1, "answer_entropy": 0.0, "answer_mode_frac": 1.0}
+    assert task.answer_metrics(prompts[:2], ["3", "7"])["answer_entropy"] == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="responses"):
+        task.answer_metrics([], [])
 
 
 def test_warm_start_trains_on_whole_chains(monkeypatch):

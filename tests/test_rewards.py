@@ -41,12 +41,13 @@ def test_bad_reward_specs(spec, match):
         load_callable(spec)
 
 
-def _tiny_reward_model(path, num_labels=2):
+def _tiny_reward_model(path, num_labels=2, id2label=None):
     from transformers import LlamaConfig, LlamaForSequenceClassification
     torch.manual_seed(0)
+    labels = {} if id2label is None else {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, num_labels=num_labels,
-                      max_position_embeddings=64)
+                      max_position_embeddings=64, **labels)
     model = LlamaForSequenceClassification(cfg).eval()
     model.save_pretrained(path)
     return model
@@ -85,3 +86,47 @@ def test_scores_tensor_checks():
                            (torch.ones(2, 1), "shape")):
         with pytest.raises(ValueError, match=f"reward my.py:fn: expected 2 finite scores .*got .*{what}"):
             scores_tensor(returned, 2, "cpu", source="reward my.py:fn")
+
+
+def _logit(model, tok, text, label):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tok.encode(text)])).logits[0, label].item()
+
+
+@pytest.mark.parametrize("id2label,want", [({0: "NEGATIVE", 1: "POSITIVE"}, 1), ({0: "positive", 1: "negative"}, 0),
+                                           ({0: "LABEL_0"}, 0)])
+def test_reward_label_default(tmp_path, id2label, want):
+    # distilbert-imdb's labels {0: NEGATIVE, 1: POSITIVE} (imdb_ppo.py scores output[1]); a one-logit RM: 0
+    model = _tiny_reward_model(tmp_path / "rm", num_labels=len(id2label), id2label=id2label)
+    tok = CharTokenizer()
+    rm = make_reward(None, reward_model=str(tmp_path / "rm"), tokenizer=tok)
+    assert rm.label == want
+    assert rm(["good "], ["film"]) == [pytest.approx(_logit(model, tok, "good film", want), abs=1e-4)]
+
+
+def test_reward_label_default_fails_naming_the_labels(tmp_path):
+    _tiny_reward_model(tmp_path / "rm", num_labels=3, id2label={0: "anger", 1: "joy", 2: "fear"})
+    with pytest.raises(ValueError, match=r"reward_label: .*3 labels .*'anger'.*'joy'.*'fear'.*POSITIVE"):
+        make_reward(None, reward_model=str(tmp_path / "rm"), tokenizer=CharTokenizer())
+    rm = make_reward(None, reward_model=str(tmp_path / "rm"), reward_label=1, tokenizer=CharTokenizer())
+    assert rm.label == 1
+
+
+def test_reward_input_for_reward_models_and_vader(tmp_path):
+    model = _tiny_reward_model(tmp_path / "rm", id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    tok = CharTokenizer()
+    prompts, responses = ["what a ", "I hated "], ["film", "it"]
+    both = make_reward(None, reward_model=str(tmp_path / "rm"), tokenizer=tok)   # default: prompt + response
+    alone = make_reward(None, reward_model=str(tmp_path / "rm"), tokenizer=tok, reward_input="response")
+    for p, r, b, a in zip(prompts, responses, both(prompts, responses), alone(prompts, responses)):
+        assert b == pytest.approx(_logit(model, tok, p + r, 1), abs=1e-4)
+        assert a == pytest.approx(_logit(model, tok, r, 1), abs=1e-4)
+    # VADER: a positive prompt with a neutral response scores > 0 only when the prompt is read
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    sia = SentimentIntensityAnalyzer()
+    prompts, responses = ["I loved this wonderful movie, and"], [" the table is brown"]
+    assert make_reward("vader")(prompts, responses) == [sia.polarity_scores(prompts[0] + responses[0])["compound"]]
+    assert make_reward("vader", reward_input="response")(prompts, responses) == [0.0]
+    assert make_reward("vader")(prompts, responses)[0] > 0.5
+    with pytest.raises(ValueError, match="reward_input"):
+        make_reward("vader", reward_input="prompt")
