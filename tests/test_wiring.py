@@ -14,7 +14,7 @@ import torch
 
 from fastrlhf import train
 from fastrlhf.config import TrainConfig, parse_args
-from fastrlhf.models import ModelConfig
+from fastrlhf.rewards import make_reward
 
 TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_num_heads", "2",
         "--tiny_intermediate_size", "64"]
@@ -23,6 +23,7 @@ B = 8   # rollout rows
 
 def varied_reward(tmp_path) -> str:
     """--reward scoring a response by its characters and digits: varied scores from a random policy."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     fn = tmp_path / "varied.py"
     fn.write_text("def score(prompts, responses):\n"
                   "    return [len(r) / 3 + sum(c.isdigit() for c in r) for r in responses]\n")
@@ -277,3 +278,436 @@ def test_micro_batch_loss_and_its_statistics_match_formulas(tmp_path, case):
     torch.testing.assert_close(stats["clip_frac"].double(), clip_frac, **close)
     torch.testing.assert_close(stats["value_clip_frac"].double(), vfrac, **close)
     torch.testing.assert_close(stats["approx_kl"].double(), approx_kl, **close)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The update: optimizer steps, learning rates, clipping, schedule
+# ----------------------------------------------------------------------------------------------------
+
+def trainable(run):
+    return {"policy": [p.detach().clone() for p in run.bundle.policy_parameters()],
+            "critic": [p.detach().clone() for p in run.bundle.critic_parameters()]}
+
+
+def test_learning_rates_of_policy_and_value_head(tmp_path):
+    """One optimizer step of AdamW (no weight decay) moves each weight with a nonzero gradient by
+    lr·g/(|g| + ε) ≈ lr: the policy by --learning_rate, the value head by --critic_learning_rate, both
+    times the warmup factor 1/(warmup_steps + 1) of the first step."""
+    run = make_run(tmp_path, "--ppo_epochs", "1", "--num_mini_batches", "1", "--per_device_batch_size", "8",
+                   "--learning_rate", "1e-3", "--critic_learning_rate", "2e-2", "--warmup_steps", "1")
+    roll = train.rollout(run, run.job.task.sample(B, random.Random(1)))
+    before = trainable(run)
+    train.update(run, roll)
+    after = trainable(run)
+    for group, lr in (("policy", 1e-3 / 2), ("critic", 2e-2 / 2)):
+        step = torch.cat([(a - b).abs().flatten() for a, b in zip(after[group], before[group])])
+        moved = step[step > 0]
+        assert moved.numel() > 0.5 * step.numel(), group
+        torch.testing.assert_close(moved.median(), torch.tensor(lr), rtol=1e-2, atol=0, msg=group)
+        assert moved.max() <= lr * 1.0001, group
+
+
+def test_weight_decay_is_decoupled_and_applies_to_the_policy(tmp_path):
+    """AdamW: p ← p − lr·wd·p − lr·adam_step, so two runs from the same state differ by −lr·wd·p."""
+    outs = {}
+    for wd in ("0", "0.1"):
+        run = make_run(tmp_path / wd, "--ppo_epochs", "1", "--num_mini_batches", "1", "--per_device_batch_size", "8",
+                       "--learning_rate", "1e-2", "--weight_decay", wd)
+        roll = train.rollout(run, run.job.task.sample(B, random.Random(1)))
+        start = [p.detach().clone() for p in run.bundle.policy_parameters()]
+        train.update(run, roll)
+        outs[wd] = [p.detach().clone() for p in run.bundle.policy_parameters()]
+    for p0, a, b in zip(start, outs["0"], outs["0.1"]):
+        torch.testing.assert_close(b - a, -1e-2 * 0.1 * p0, rtol=1e-3, atol=1e-7)
+
+
+def test_optimizer_steps_micro_batches_and_grad_norm(tmp_path, monkeypatch):
+    """ppo_epochs × num_mini_batches optimizer steps per update, each over per_device_batch_size ×
+    gradient_accumulation_steps rows in micro-batches of per_device_batch_size, every row once per epoch;
+    the gradient is clipped to --max_grad_norm before each step and grad_norm is the mean of the
+    unclipped norms; the update's loss statistics are the means over micro-batches."""
+    run = make_run(tmp_path, "--ppo_epochs", "3", "--num_mini_batches", "2", "--per_device_batch_size", "2",
+                   "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.05", "--learning_rate", "1e-3")
+    assert train.rollout_batch(run.cfg) == B
+    roll = train.rollout(run, run.job.task.sample(B, random.Random(1)))
+    rows, losses, norms, clipped = [], [], [], []
+    real_loss, real_acc = train.micro_batch_loss, train.accumulate_gradients
+
+    def loss_spy(run_, mb, cfg):
+        loss, stats = real_loss(run_, mb, cfg)
+        rows.append(mb.texts)
+        losses.append({k: float(v) for k, v in {"loss": loss, **stats}.items()})
+        return loss, stats
+
+    def acc_spy(run_, roll_, mini, cfg):
+        out = real_acc(run_, roll_, mini, cfg)
+        g = torch.cat([p.grad.double().flatten() for p in params if p.grad is not None])
+        norms.append(g.norm().item())
+        return out
+
+    params = [p for g in run.optim.optimizer.param_groups for p in g["params"]]
+    real_step = run.optim.optimizer.step
+
+    def step_spy(*a, **k):
+        clipped.append(torch.cat([p.grad.double().flatten() for p in params if p.grad is not None]).norm().item())
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "micro_batch_loss", loss_spy)
+    monkeypatch.setattr(train, "accumulate_gradients", acc_spy)
+    monkeypatch.setattr(run.optim.optimizer, "step", step_spy)
+    stats = train.update(run, roll)
+    assert len(norms) == len(clipped) == 3 * 2 and len(rows) == 3 * 2 * 2
+    assert all(len(r) == 2 for r in rows)
+    for e in range(3):   # each epoch covers every row once
+        assert sorted(sum(rows[4 * e:4 * e + 4], [])) == sorted(roll.texts)
+    for n, c in zip(norms, clipped):
+        assert n > 0.05 and c == pytest.approx(0.05, rel=1e-4)
+    assert stats["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+    for k in losses[0]:
+        assert stats[k] == pytest.approx(sum(r[k] for r in losses) / len(losses), rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_learning_rate_schedule(tmp_path, kind):
+    """Warmup (k+1)/(w+1) for the first w optimizer steps, then constant / linear to 0 / cosine to 0 over
+    max_steps × ppo_epochs × num_mini_batches optimizer steps, for both groups."""
+    run = make_run(tmp_path, "--lr_scheduler_type", kind, "--warmup_steps", "2", "--learning_rate", "1e-3",
+                   "--critic_learning_rate", "1e-2", "--ppo_epochs", "2", "--max_steps", "3", perturb=False)
+    total, w = 3 * 2 * 2, 2
+    for k in range(total + 1):
+        if k < w:
+            f = (k + 1) / (w + 1)
+        else:
+            frac = (k - w) / (total - w)
+            f = {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[kind]
+        lrs = [g["lr"] for g in run.optim.optimizer.param_groups]
+        assert lrs == pytest.approx([1e-3 * f, 1e-2 * f], abs=1e-12), k
+        run.optim.optimizer.step()
+        run.optim.scheduler.step()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling knobs
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--top_k", "1"], ["--top_p", "1e-6"]])
+def test_top_k_1_and_tiny_top_p_sample_the_argmax(tmp_path, flags):
+    run = make_run(tmp_path, *flags, "--temperature", "1.5", "--max_new_tokens", "5")
+    roll = train.rollout(run, run.job.task.sample(B, random.Random(2)))
+    m = roll.mask.bool()
+    with torch.no_grad():
+        lp_all, _ = forward64(run.bundle.policy, roll.input_ids, roll.attn, roll.P, m.shape[1], 1.5)
+    assert torch.equal(lp_all.argmax(-1)[m], roll.labels[m])
+
+
+def test_sampling_is_not_greedy_without_them(tmp_path):
+    run = make_run(tmp_path, "--temperature", "1.5", "--max_new_tokens", "5")
+    roll = train.rollout(run, run.job.task.sample(B, random.Random(2)))
+    m = roll.mask.bool()
+    with torch.no_grad():
+        lp_all, _ = forward64(run.bundle.policy, roll.input_ids, roll.attn, roll.P, m.shape[1], 1.5)
+    assert not torch.equal(lp_all.argmax(-1)[m], roll.labels[m])
+
+
+def test_prompt_and_response_lengths(tmp_path):
+    """Prompts are left-truncated to --max_prompt_length tokens (their ends kept), responses have at
+    most --max_new_tokens."""
+    run = make_run(tmp_path, "--max_prompt_length", "3", "--max_new_tokens", "2")
+    prompts = run.job.task.sample(B, random.Random(2))
+    roll = train.rollout(run, prompts)
+    tok = run.bundle.tokenizer
+    assert roll.P == 3 and roll.mask.shape[1] <= 2
+    for row, p in zip(roll.input_ids[:, :3].tolist(), prompts):
+        assert row == list(tok.encode(p))[-3:]
+
+
+def test_seed_sets_every_stream(tmp_path):
+    texts = {}
+    for seed in ("0", "0", "1"):
+        run = make_run(tmp_path / seed, "--seed", seed, perturb=False)
+        prompts = run.job.task.sample(B, run.streams.data)
+        texts.setdefault(seed, []).append((prompts, train.rollout(run, prompts).texts))
+    assert texts["0"][0] == texts["0"][1] and texts["0"][0] != texts["1"][0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ----------------------------------------------------------------------------------------------------
+
+def test_every_metric_in_metrics_jsonl_matches_its_formula(tmp_path, monkeypatch):
+    """Each record's fields from the step's rollout (prompts, responses, sampler log-probs) and the
+    weights before its update, recomputed here; the adaptive β over steps; the learning rate from the
+    schedule; and no field left unchecked."""
+    from fastrlhf import metrics
+    T, est, beta0, target, horizon, lr = 0.9, "k3", 0.1, 0.01, 50.0, 1e-2
+    flags = ["--adaptive_kl", "--kl_coef", str(beta0), "--kl_target", str(target), "--kl_horizon", str(horizon),
+             "--kl_estimator", est, "--temperature", str(T), "--score_scaling", "std", "--learning_rate", str(lr),
+             "--lr_scheduler_type", "linear", "--ppo_epochs", "2"]
+    real_setup, real_sample, real_rollout, real_update = train.setup, train.sample, train.rollout, train.update
+    steps = []
+
+    def setup_spy(cfg):
+        run = real_setup(cfg)
+        with torch.no_grad():
+            for p in run.bundle.value_head.parameters():
+                p.normal_()
+        return run
+
+    def sample_spy(run, prompts, **kw):
+        out = real_sample(run, prompts, **kw)
+        if not kw:   # the rollout's sampling, not the held-out evaluation
+            steps.append({"prompts": list(prompts), "sample_lp": out[5].double()})
+        return out
+
+    def rollout_spy(run, prompts):
+        roll = real_rollout(run, prompts)
+        m = roll.mask.double()
+        with torch.no_grad():
+            lp_all, _ = forward64(run.bundle.policy, roll.input_ids, roll.attn, roll.P, m.shape[1], T)
+            with run.bundle.reference() as ref_model:
+                ref_all, _ = forward64(ref_model, roll.input_ids, roll.attn, roll.P, m.shape[1], T)
+        lab = roll.labels[..., None]
+        steps[-1].update(roll=roll, lp=lp_all.gather(-1, lab)[..., 0] * m, ref=ref_all.gather(-1, lab)[..., 0] * m,
+                         ent=-(lp_all.exp() * lp_all).sum(-1), m=m)
+        return roll
+
+    def update_spy(run, roll):
+        steps[-1]["stats"] = real_update(run, roll)
+        return steps[-1]["stats"]
+
+    for name, spy in (("setup", setup_spy), ("sample", sample_spy), ("rollout", rollout_spy), ("update", update_spy)):
+        monkeypatch.setattr(train, name, spy)
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_steps", "3", "--per_device_batch_size", "4", "--num_mini_batches", "2",
+            "--sft_steps", "0", "--eval_samples", "4", "--max_new_tokens", "4", "--reward", varied_reward(tmp_path),
+            *TINY, *flags]
+    assert train.main(argv) == 0
+    recs = metrics.read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3] and len(steps) == 3
+    beta, seen = beta0, []
+    reward_fn = make_reward(varied_reward(tmp_path), reward_model=None, reward_label=0, partial_credit=False,
+                                  device=torch.device("cpu"), tokenizer=None)
+    for k, (rec, s) in enumerate(zip(recs, steps), 1):
+        m, roll = s["m"], s["roll"]
+        raw = torch.tensor(reward_fn(s["prompts"], roll.texts), dtype=torch.float64)
+        seen += raw.tolist()
+        kl = (kl_formula(s["lp"], s["ref"], est) * m).sum(1).mean().item()
+        if k > 1:
+            assert kl > 1e-3
+        beta *= 1 + min(max(kl / target - 1, -0.2), 0.2) * B / horizon
+        n_opt = k * 2 * 2
+        want = {
+            "step": k, "reward_mean": raw.mean().item(), "reward_std": raw.std().item(),
+            "score_scaled_mean": (raw / (torch.tensor(seen, dtype=torch.float64).std(unbiased=False) + 1e-8)).mean().item(),
+            "kl": kl, "kl_coef": beta, "entropy": mmean(s["ent"], m).item(),
+            "logprob_gap": ((s["lp"] - s["sample_lp"]).abs() * m).max().item(),
+            "response_len": m.sum(1).mean().item(), "lr": lr * max(0.0, 1 - n_opt / (3 * 2 * 2)),
+            **s["stats"],
+        }
+        assert raw.std() > 0
+        for key, v in want.items():
+            assert rec[key] == pytest.approx(v, rel=1e-4, abs=1e-5), (k, key)
+        assert rec["tokens_per_s"] == pytest.approx(m.sum().item() / rec["step_time_s"], rel=1e-6)
+        phases = {key: v for key, v in rec.items() if key.startswith("memory/peak_mib_")}
+        assert set(phases) == {f"memory/peak_mib_{p}" for p in ("generation", "scoring", "update")}
+        assert rec["peak_mem_mib"] == pytest.approx(max(phases.values()) or metrics.peak_mem_mib(torch.device("cpu")),
+                                                    rel=0.5)
+        checked = set(want) | set(phases) | {"tokens_per_s", "step_time_s", "peak_mem_mib"}
+        assert set(rec) == checked, set(rec) ^ checked
+    assert set(steps[0]["stats"]) == {"loss", "policy_loss", "value_loss", "clip_frac", "approx_kl", "value_clip_frac",
+                                      "grad_norm"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Warm start, data, reward, optimizer, threads, precision
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_warm_start_knobs(tmp_path, monkeypatch, noise):
+    """--sft_steps optimizer steps on batches of --sft_batch_size prompts whose answers are wrong with
+    probability --sft_noise, at --sft_learning_rate (one AdamW step moves a weight by ≈ lr); the reference
+    is the warm-started policy afterwards."""
+    from fastrlhf import warm_start as ws
+    from fastrlhf.tasks import solve
+    run = make_run(tmp_path, "--sft_steps", "2", "--sft_batch_size", "6", "--sft_noise", str(noise),
+                   "--sft_learning_rate", "1e-3", "--reward", "arithmetic", perturb=False)
+    batches, moves = [], []
+    real_nll = ws.nll
+    start = [p.detach().clone() for p in run.bundle.policy_parameters()]
+
+    def nll_spy(model, seq, attn, P, target):
+        if len(batches) == 1:   # the first optimizer step happened
+            moves.append(torch.cat([(p.detach() - s).abs().flatten()
+                                    for p, s in zip(run.bundle.policy_parameters(), start)]))
+        batches.append((seq, attn, P, target))
+        return real_nll(model, seq, attn, P, target)
+
+    monkeypatch.setattr(ws, "nll", nll_spy)
+    ws.warm_start(run)
+    assert len(batches) == 2
+    tok = run.bundle.tokenizer
+    for seq, attn, P, target in batches:
+        assert seq.shape[0] == 6
+        for row, t in zip(seq.tolist(), target.tolist()):
+            prompt = tok.decode(row[:P], skip_special_tokens=True)
+            answer = tok.decode([x for x, keep in zip(row[P:], t) if keep], skip_special_tokens=True)
+            assert (int(answer) == solve(prompt)) == (noise == 0.0), (prompt, answer)
+    moved = moves[0][moves[0] > 0]
+    assert moved.median() == pytest.approx(1e-3, rel=0.05)
+    with run.bundle.reference() as ref_model:
+        for (k, a), b in zip(ref_model.state_dict().items(), run.bundle.policy.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_task_digits_and_operators_reach_the_prompts(tmp_path):
+    run = make_run(tmp_path, "--digits", "3", "--operators", "*-", perturb=False)
+    prompts = run.job.task.sample(200, random.Random(0))
+    ops_seen = {re.findall(r"[*+-]", p)[0] for p in prompts}
+    assert ops_seen == {"*", "-"}
+    assert max(max(map(int, re.findall(r"\d+", p))) for p in prompts) >= 100
+
+
+def test_partial_credit_reaches_the_reward(tmp_path):
+    prompts, near = ["12+30="], ["41"]
+    scores = [make_run(tmp_path / str(pc), *(["--partial_credit"] if pc else []), "--reward", "arithmetic",
+                       perturb=False).job.reward_fn(prompts, near)[0] for pc in (False, True)]
+    assert scores[0] == 0.0 and 0.0 < scores[1] < 0.5
+
+
+def test_optim_selects_the_optimizer(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    assert isinstance(make_run(tmp_path / "a", perturb=False).optim.optimizer, torch.optim.AdamW)
+    run = make_run(tmp_path / "b", "--optim", "adamw_8bit", perturb=False)
+    assert isinstance(run.optim.optimizer, bnb.optim.AdamW8bit)
+    assert len(run.optim.optimizer.param_groups) == 2
+
+
+def test_num_threads_and_bf16_on_cpu(tmp_path):
+    """--num_threads sets torch's CPU threads; --bf16 autocasts on CUDA only (CPU: no autocast)."""
+    threads = torch.get_num_threads()
+    try:
+        run = make_run(tmp_path, "--num_threads", "2", perturb=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    with run.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def _small_argv(out, tmp_path, *flags):
+    return ["--output_dir", str(out), "--per_device_batch_size", "4", "--sft_steps", "0", "--eval_samples", "4",
+            "--max_new_tokens", "3", "--reward", varied_reward(tmp_path), *TINY, *flags]
+
+
+def test_save_minutes_checkpoints_after_a_step_that_ends_that_late(tmp_path):
+    for minutes, want in (("0", ["checkpoint-3"]), ("1e-9", ["checkpoint-1", "checkpoint-2", "checkpoint-3"])):
+        out = tmp_path / minutes
+        assert train.main(_small_argv(out, tmp_path, "--max_steps", "3", "--save_minutes", minutes,
+                                      "--save_total_limit", "5")) == 0
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == want
+
+
+def test_logging_steps_is_the_progress_bar_period(tmp_path, monkeypatch):
+    import tqdm.auto
+    posts = []
+
+    class Bar(list):
+        def __init__(self, it, **kw):
+            super().__init__(it)
+
+        def set_postfix(self, **kw):
+            posts.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    assert train.main(_small_argv(tmp_path / "run", tmp_path, "--max_steps", "4", "--logging_steps", "2")) == 0
+    assert len(posts) == 2 and set(posts[0]) == {"reward", "kl", "ent", "tok_s"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every knob has a test
+# ----------------------------------------------------------------------------------------------------
+
+W = "test_wiring.py::"
+KNOB_TESTS = {
+    "algo": [W + "test_micro_batch_loss_and_its_statistics_match_formulas", W + "test_rollout_matches_independent_formulas"],
+    "task": ["test_tasks.py::test_make_task", "test_train.py::test_sentiment_prompts_file_with_user_callable"],
+    "prompts": ["test_train.py::test_sentiment_prompts_file_with_user_callable"],
+    "digits": [W + "test_task_digits_and_operators_reach_the_prompts"],
+    "operators": [W + "test_task_digits_and_operators_reach_the_prompts"],
+    "reward": [W + "test_rollout_matches_independent_formulas", "test_rewards.py::test_user_callable_from_file_and_module"],
+    "partial_credit": [W + "test_partial_credit_reaches_the_reward"],
+    "reward_model": ["test_train.py::test_reward_model_and_ppo_max_critic_from_it"],
+    "reward_label": ["test_rewards.py::test_reward_model_scores_last_token_logit"],
+    "output_dir": ["test_train.py::test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite"],
+    "overwrite_output_dir": ["test_train.py::test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite"],
+    "seed": [W + "test_seed_sets_every_stream"],
+    "device": ["test_config.py::test_bad_flags_exit_2"],
+    "num_threads": [W + "test_num_threads_and_bf16_on_cpu"],
+    "bf16": [W + "test_num_threads_and_bf16_on_cpu"],
+    "max_steps": ["test_train.py::test_resume_applies_changeable_flags_and_refuses_the_rest"],
+    "save_steps": ["test_train.py::test_resume_equals_uninterrupted"],
+    "save_minutes": [W + "test_save_minutes_checkpoints_after_a_step_that_ends_that_late"],
+    "save_total_limit": ["test_train.py::test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite"],
+    "resume": ["test_train.py::test_resume_equals_uninterrupted"],
+    "report_to": ["test_train.py::test_each_algorithm_with_every_regularizer"],
+    "logging_steps": [W + "test_logging_steps_is_the_progress_bar_period"],
+    "per_device_batch_size": [W + "test_optimizer_steps_micro_batches_and_grad_norm"],
+    "gradient_accumulation_steps": [W + "test_optimizer_steps_micro_batches_and_grad_norm"],
+    "num_mini_batches": [W + "test_optimizer_steps_micro_batches_and_grad_norm"],
+    "ppo_epochs": [W + "test_optimizer_steps_micro_batches_and_grad_norm"],
+    "max_prompt_length": [W + "test_prompt_and_response_lengths"],
+    "max_new_tokens": [W + "test_prompt_and_response_lengths"],
+    "temperature": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "top_k": [W + "test_top_k_1_and_tiny_top_p_sample_the_argmax"],
+    "top_p": [W + "test_top_k_1_and_tiny_top_p_sample_the_argmax"],
+    "learning_rate": [W + "test_learning_rates_of_policy_and_value_head"],
+    "critic_learning_rate": [W + "test_learning_rates_of_policy_and_value_head"],
+    "optim": [W + "test_optim_selects_the_optimizer", "test_optim.py::test_optimizers_step"],
+    "weight_decay": [W + "test_weight_decay_is_decoupled_and_applies_to_the_policy"],
+    "lr_scheduler_type": [W + "test_learning_rate_schedule"],
+    "warmup_steps": [W + "test_learning_rate_schedule", W + "test_learning_rates_of_policy_and_value_head"],
+    "max_grad_norm": [W + "test_optimizer_steps_micro_batches_and_grad_norm"],
+    "vf_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "gamma": [W + "test_rollout_matches_independent_formulas"],
+    "lam": [W + "test_rollout_matches_independent_formulas"],
+    "whiten_advantages": [W + "test_rollout_matches_independent_formulas"],
+    "adv_clip": [W + "test_rollout_matches_independent_formulas"],
+    "score_scaling": [W + "test_rollout_matches_independent_formulas", W + "test_score_moments_run_over_steps"],
+    "score_clip": [W + "test_rollout_matches_independent_formulas"],
+    "cliprange": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "cliprange_high": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "dual_clip": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "cliprange_value": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "adv_coeff": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "batch_entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "kl_coef": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "kl_estimator": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "kl_in": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "adaptive_kl": [W + "test_every_metric_in_metrics_jsonl_matches_its_formula"],
+    "kl_target": [W + "test_every_metric_in_metrics_jsonl_matches_its_formula"],
+    "kl_horizon": [W + "test_every_metric_in_metrics_jsonl_matches_its_formula"],
+    "ptx_file": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "ptx_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "sft_steps": [W + "test_warm_start_knobs"],
+    "sft_noise": [W + "test_warm_start_knobs"],
+    "sft_learning_rate": [W + "test_warm_start_knobs"],
+    "sft_batch_size": [W + "test_warm_start_knobs"],
+    "eval_samples": ["test_train.py::test_eval_scores_a_checkpoint"],
+    "model": ["test_models.py::test_default_model_full_finetune_has_frozen_reference"],   # ModelConfig: test_models.py
+}
+
+
+def test_every_knob_has_a_test():
+    """A new TrainConfig field fails here until it is given a test in KNOB_TESTS (and each test named
+    there exists)."""
+    assert set(KNOB_TESTS) == {f.name for f in dataclasses.fields(TrainConfig)}
+    here = Path(__file__).parent
+    for knob, tests in KNOB_TESTS.items():
+        for t in tests:
+            file, name = t.split("::")
+            assert re.search(rf"^def {name}\(", (here / file).read_text(), re.M), (knob, t)
