@@ -16,6 +16,7 @@ a run's checkpoints (fastrlhf.checkpoint) and held-out evaluation (fastrlhf.eval
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -486,14 +487,18 @@ def train(cfg: TrainConfig) -> dict:
             before = rollout_state(run)
             prompts = run.job.task.sample(batch, run.streams.data)         # 1. prompts
             roll = rollout(run, prompts)                                   # 2-6. generate … advantages
+            snapshot = None if run.step in (0, saved_step) else update_snapshot(run)
         except BaseException:   # a reward function that raises, Ctrl-C, ...: keep the last completed step
-            save_after_rollout_error(run, before, saved_step)
+            save_last_step(run, before, saved_step)
             raise
         with phase(run, "update"):
             try:
                 stats = update(run, roll)                                  # 7. policy + value updates
-            except FloatingPointError as exc:
-                raise SystemExit(f"fastrlhf train: step {step}: {exc}") from None
+            except BaseException as exc:   # non-finite loss, Ctrl-C, out of memory, ...: the same
+                save_last_step(run, before, saved_step, snapshot)
+                if isinstance(exc, FloatingPointError):
+                    raise SystemExit(f"fastrlhf train: step {step}: {exc}") from None
+                raise
         kl = roll.kl_seq.mean().item()
         run.shaping.kl_ctl.update(kl, batch)                               # 8. adaptive KL
         run.step = step
@@ -550,12 +555,43 @@ def rollout_state(run: Run) -> tuple:
     return run.streams.state(), run.shaping.moments.state_dict()
 
 
-def save_after_rollout_error(run: Run, before: tuple, saved_step: int):
-    """An error in a rollout leaves the weights, optimizer and KL controller as the last completed step
-    left them: put the rollout's random streams and moments back and checkpoint that step (unless it is
-    saved already or no RL step has completed), so that `--resume` loses nothing."""
+def update_snapshot(run: Run) -> dict:
+    """A host copy of what an update changes: the trainable weights (policy, value head, critic), the
+    optimizer state and the schedule, as `save_run` stores them. An update is several optimizer steps
+    (epochs × mini-batches), so an error inside it leaves the model between two RL steps; this copy puts
+    the last completed step back (`save_last_step`). Cost: one host copy of the trainable parameters and
+    their optimizer moments per RL step (3 × the trainable bytes under AdamW; small under LoRA), taken only
+    while that step has no checkpoint."""
+    b = run.bundle
+    return {"policy": checkpoint.trainable_state(b.policy), "value_head": _host_copy(b.value_head.state_dict()),
+            "critic": checkpoint.trainable_state(b.critic) if b.critic is not None else None,
+            "reference": None,   # an update never changes the reference
+            "optimizer": _host_copy(run.optim.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(run.optim.scheduler.state_dict())}
+
+
+def _host_copy(x):
+    """A copy of nested dicts / lists / tuples with every tensor cloned to the host."""
+    if isinstance(x, dict):
+        return {k: _host_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_host_copy(v) for v in x)
+    return x.detach().cpu().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x)
+
+
+def save_last_step(run: Run, before: tuple, saved_step: int, snapshot: Optional[dict] = None):
+    """Checkpoint the last completed RL step after an error in the next one, so that `--resume` loses
+    nothing: put back the random streams and reward-scaling moments the failed rollout advanced (`before`,
+    `rollout_state`) and, for an error in the update, the weights, optimizer and schedule from the
+    `update_snapshot` taken before it (the KL controller moves only after a completed update). Nothing is
+    written when no RL step has completed or the last one is saved already."""
     if run.step == 0 or run.step == saved_step:
         return
+    run.optim.optimizer.zero_grad(set_to_none=True)   # frees the gradients (after an out-of-memory error)
+    if snapshot is not None:
+        checkpoint.load_weights(run, snapshot)
+        run.optim.optimizer.load_state_dict(snapshot["optimizer"])
+        run.optim.scheduler.load_state_dict(snapshot["scheduler"])
     run.streams.set_state(before[0])
     run.shaping.moments.load_state_dict(before[1])
     path = checkpoint.save_run(run)

@@ -352,3 +352,53 @@ def test_error_in_a_rollout_checkpoints_the_last_step_and_resume_loses_nothing(t
     monkeypatch.setattr(train, "rollout", real)
     assert train.main(small(part, *common, "--max_steps", "4", "--resume")) == 0
     assert _strip(records(full)) == _strip(records(part))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("device lost"), KeyboardInterrupt(), FloatingPointError()])
+def test_error_in_an_update_checkpoints_the_last_step_and_resume_loses_nothing(tmp_path, monkeypatch, error):
+    """An error inside step 2's update, after its first optimizer step changed the weights and the
+    optimizer state (ppo_epochs 2: two optimizer steps per update), leaves a checkpoint of step 1 as
+    step 1 ended (weights, optimizer, schedule, moments, random streams), from which --resume gives exactly
+    the uninterrupted run. FloatingPointError stands for the non-finite loss path: a NaN loss there."""
+    fn = tmp_path / "r.py"                      # varied scores, so the running moments matter
+    fn.write_text("def n_chars(prompts, responses):\n    return [len(r) / 3 for r in responses]\n")
+    common = ["--seed", "4", "--ppo_epochs", "2", "--score_scaling", "std", "--lr_scheduler_type", "linear",
+              "--save_total_limit", "5", "--reward", f"{fn}:n_chars"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main(small(full, *common, "--max_steps", "3")) == 0
+    real, calls = train.micro_batch_loss, []
+
+    def failing(run, mb, loss_cfg):
+        loss, stats = real(run, mb, loss_cfg)
+        if run.step == 1:
+            calls.append(1)
+            if len(calls) == 2:                  # the second optimizer step of step 2
+                if isinstance(error, FloatingPointError):
+                    return loss * float("nan"), stats
+                raise error
+        return loss, stats
+
+    monkeypatch.setattr(train, "micro_batch_loss", failing)
+    expected = SystemExit if isinstance(error, FloatingPointError) else type(error)
+    with pytest.raises(expected):
+        train.main(small(part, *common, "--max_steps", "3"))
+    assert [p.name for p in checkpoint.list_checkpoints(part)] == ["checkpoint-1"]
+    monkeypatch.setattr(train, "micro_batch_loss", real)
+    assert train.main(small(part, *common, "--max_steps", "3", "--resume")) == 0
+    assert _strip(records(full)) == _strip(records(part))
+    a, _ = checkpoint.load(full / "checkpoint-3")
+    b, _ = checkpoint.load(part / "checkpoint-3")
+    for k in a["policy"]:
+        assert torch.equal(a["policy"][k], b["policy"][k]), k
+
+
+def test_no_update_snapshot_while_the_last_step_is_saved(tmp_path, monkeypatch):
+    """The host copy before an update is taken only when the last completed step has no checkpoint
+    (every step saved: never)."""
+    taken = []
+    real = train.update_snapshot
+    monkeypatch.setattr(train, "update_snapshot", lambda run: taken.append(run.step) or real(run))
+    assert train.main(small(tmp_path / "a", "--max_steps", "3", "--save_steps", "1")) == 0
+    assert taken == []
+    assert train.main(small(tmp_path / "b", "--max_steps", "3")) == 0
+    assert taken == [1, 2]
