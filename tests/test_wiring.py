@@ -450,7 +450,7 @@ def test_every_metric_in_metrics_jsonl_matches_its_formula(tmp_path, monkeypatch
 
     def sample_spy(run, prompts, **kw):
         out = real_sample(run, prompts, **kw)
-        if not kw:   # the rollout's sampling, not the held-out evaluation
+        if "temperature" not in kw:   # the rollout's sampling, not the held-out evaluation (temperature 0)
             steps.append({"prompts": list(prompts), "sample_lp": out[5].double()})
         return out
 
@@ -638,7 +638,7 @@ KNOB_TESTS = {
     "reward": [W + "test_rollout_matches_independent_formulas", "test_rewards.py::test_user_callable_from_file_and_module"],
     "partial_credit": [W + "test_partial_credit_reaches_the_reward"],
     "reward_model": ["test_train.py::test_reward_model_and_ppo_max_critic_from_it"],
-    "reward_label": ["test_rewards.py::test_reward_model_scores_last_token_logit"],
+    "reward_label": ["test_rewards.py::test_reward_model_scores_last_token_logit", "test_rewards.py::test_reward_label_default"],
     "output_dir": ["test_train.py::test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite"],
     "overwrite_output_dir": ["test_train.py::test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite"],
     "seed": [W + "test_seed_sets_every_stream"],
@@ -696,6 +696,11 @@ KNOB_TESTS = {
     "sft_batch_size": [W + "test_warm_start_knobs"],
     "eval_samples": ["test_train.py::test_eval_scores_a_checkpoint"],
     "model": ["test_models.py::test_default_model_full_finetune_has_frozen_reference"],   # ModelConfig: test_models.py
+    "stop": ["test_generate.py::test_stop_string_ends_the_mask_and_keeps_the_stream",
+             "test_generate.py::test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings"],
+    "min_new_tokens": ["test_generate.py::test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings"],
+    "reward_input": ["test_rewards.py::test_reward_input_for_reward_models_and_vader"],
+    "log_samples": ["test_samples.py::test_train_writes_samples_and_resume_matches_uninterrupted"],
 }
 
 
