@@ -7,7 +7,9 @@ critic), and the reference policy, with as few copies of the weights as the opti
 
     options                    policy                 reference                     critic
     use_peft                   base + LoRA adapter    same model, adapter disabled  value head on the trunk
-    use_peft + load_in_4bit/8  quantized base + LoRA  same model, adapter disabled  value head on the trunk
+                                                      (after a warm start: a frozen
+                                                      copy of the adapter, active)
+    use_peft + load_in_4bit/8  quantized base + LoRA  (as use_peft)                 value head on the trunk
     full fine-tuning           base                   frozen copy (8-bit with       value head on the trunk
                                                       ref_load_in_8bit)
     critic_model_name_or_path  (any of the above)     (as above)                    separate trunk (AutoModel,
@@ -47,6 +49,8 @@ ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 # Soemers' GPT-2 with the WordTokenizer (fastrlhf.padula.gpt2_config) at fastrlhf's CPU size or the paper's.
 BUILTIN_MODELS = ("tiny-llama", "padula-gpt2-cpu", "padula-gpt2")
 PADULA_SIZES = {"padula-gpt2-cpu": "cpu", "padula-gpt2": "paper"}  # builtin_model -> padula.GPT2_SIZES key
+# The frozen second LoRA adapter that holds the policy at the start of RL after a warm start (`reset_reference`).
+REFERENCE_ADAPTER = "reference"
 
 
 def _f(default, help):
@@ -72,7 +76,7 @@ class ModelConfig:
     # auto: flash_attention_2 when flash_attn imports and the device is CUDA with a 16-bit dtype, else sdpa.
     attn_implementation: str = _f("auto", "auto | flash_attention_2 | sdpa | eager")
     use_peft: bool = _f(False, "train LoRA adapters (peft) instead of all weights; the reference is the "
-                               "adapter-free base")
+                               "adapter-free base, or after a warm start a frozen copy of the warm-started adapter")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
@@ -107,7 +111,8 @@ class ModelConfig:
 class Bundle:
     """Everything the trainer needs from the models. `reference()` is a context manager yielding the
     reference policy (`with bundle.reference() as ref: ...`): the policy with its adapter disabled under
-    LoRA, else a frozen copy. Under LoRA the reference's log-probs equal the policy's bit for bit before
+    LoRA (after a warm start: with the frozen adapter `reference` active instead, `reset_reference`), else a
+    frozen copy. Under LoRA the reference's log-probs equal the policy's bit for bit before
     the first update when both are computed the same way: same train/eval mode and both under no_grad
     (bitsandbytes runs different kernels for each, ~1e-3 apart on CPU 4-bit). `value_head` is
     nn.Linear(H, 1) in fp32 (zero-initialized, so values start at 0) on the policy's trunk, or on
@@ -459,7 +464,11 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
     if cfg.use_peft:
         @contextlib.contextmanager
         def reference():
-            with policy.disable_adapter():
+            if REFERENCE_ADAPTER not in policy.peft_config:   # no warm start: the base without the adapter
+                with policy.disable_adapter():
+                    yield policy
+                return
+            with _active_adapter(policy, REFERENCE_ADAPTER):   # after a warm start (`reset_reference`)
                 yield policy
     else:
         @contextlib.contextmanager
@@ -468,6 +477,65 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
 
     return Bundle(policy=policy, tokenizer=tokenizer, value_head=value_head, critic=critic,
                   reference=reference, config=cfg, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _active_adapter(policy, name: str):
+    """Run the peft model `policy` with its adapter `name` active instead of "default". peft's set_adapter
+    also sets requires_grad (the active adapter trainable, the others frozen): every parameter's flag is put
+    back afterwards, so that what trains is unchanged."""
+    flags = [(p, p.requires_grad) for p in policy.parameters()]
+    policy.set_adapter(name)
+    try:
+        yield
+    finally:
+        policy.set_adapter("default")
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def reset_reference(bundle: Bundle) -> dict:
+    """Make the reference policy the policy as it is now: the policy at the start of RL, after a warm start
+    (fastrlhf.warm_start), so that the KL to it is exactly 0 at the first step. Returns the reference's
+    weights for a checkpoint (`load_reference`).
+
+    Full fine-tuning: the frozen copy gets the policy's weights (its whole state dict is returned). LoRA: the
+    warm-started adapter is copied into a second, frozen adapter `reference` on the same base, which
+    `bundle.reference()` then activates in place of the trained one; the base (quantized or not) is shared, so
+    the reference's log-probs equal the policy's bit for bit until the first update. Returned: that adapter's
+    peft state dict (no adapter name in its keys, small)."""
+    if not bundle.config.use_peft:
+        with bundle.reference() as ref_model:
+            ref_model.load_state_dict(bundle.policy.state_dict())
+            return {k: v.detach().cpu().clone() for k, v in ref_model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(bundle.policy, save_embedding_layers=False).items()}
+    load_reference(bundle, state)
+    return state
+
+
+def load_reference(bundle: Bundle, state: dict) -> None:
+    """Set the reference's weights from `state`, as `reset_reference` returned it (also from a checkpoint)."""
+    if not bundle.config.use_peft:
+        with bundle.reference() as ref_model:
+            ref_model.load_state_dict(state)
+        return
+    from peft import set_peft_model_state_dict
+
+    policy = bundle.policy
+    if REFERENCE_ADAPTER not in policy.peft_config:
+        flags = [(p, p.requires_grad) for p in policy.parameters()]
+        policy.add_adapter(REFERENCE_ADAPTER, policy.peft_config["default"])
+        for p, flag in flags:            # add_adapter may re-mark what trains: put every flag back
+            p.requires_grad_(flag)
+        for name, p in policy.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                p.requires_grad_(False)
+    result = set_peft_model_state_dict(policy, state, adapter_name=REFERENCE_ADAPTER)
+    if result.unexpected_keys:
+        raise ValueError(f"reference: adapter weights do not match the model: unexpected "
+                         f"{result.unexpected_keys[:3]}")
 
 
 def values(bundle: Bundle, hidden_states: torch.Tensor) -> torch.Tensor:
