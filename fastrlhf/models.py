@@ -17,6 +17,9 @@ critic), and the reference policy, with as few copies of the weights as the opti
                                                                                     LoRA/quantized like policy;
                                                                                     a one-label reward model's
                                                                                     score layer seeds the head
+    copy_critic(bundle)        (any of the above)     (as above)                    a copy of the policy's
+    (fastrlhf train --critic                                                        trunk + MLP value head
+    copy)
 
 `validate(cfg)` rejects bad combinations before any weight is created (it reads only configs and
 builds the architecture on the meta device to check LoRA target names). `values` and
@@ -26,6 +29,7 @@ optimizer `fastrlhf.optim`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import logging
@@ -116,11 +120,11 @@ class Bundle:
     the first update when both are computed the same way: same train/eval mode and both under no_grad
     (bitsandbytes runs different kernels for each, ~1e-3 apart on CPU 4-bit). `value_head` is
     nn.Linear(H, 1) in fp32 (zero-initialized, so values start at 0) on the policy's trunk, or on
-    `critic`'s when there is one."""
+    `critic`'s when there is one (`mlp_value_head` on a `copy_critic` copy)."""
 
     policy: nn.Module
     tokenizer: object
-    value_head: nn.Linear
+    value_head: nn.Module
     critic: Optional[nn.Module]
     reference: Callable[[], ContextManager[nn.Module]]
     config: ModelConfig
@@ -538,13 +542,81 @@ def load_reference(bundle: Bundle, state: dict) -> None:
                          f"{result.unexpected_keys[:3]}")
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a peft model, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    """The decoder trunk (no LM head) of a causal LM, peft-wrapped or not: LlamaModel, GPT2Model, ..."""
+    lm = _causal_lm(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM (peft-wrapped or not), bottom first: the ModuleList of
+    config.num_hidden_layers modules in its trunk (`layers` in Llama / Qwen2 / GPT-NeoX, `h` in GPT-2)."""
+    lm = _causal_lm(model)
+    n = lm.config.num_hidden_layers
+    for mod in _trunk(model).modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ValueError(f"model: no list of {n} transformer blocks found in {type(lm).__name__}")
+
+
+def freeze_bottom_blocks(model: nn.Module, num_layers_unfrozen: int) -> None:
+    """Train only the top `num_layers_unfrozen` transformer blocks (-1: all; 0: none): every parameter of
+    the blocks below stops training (the block's LoRA adapters under peft). Embeddings, the final norm and
+    the output layer are left as they are. As trlx's freeze_bottom_causal_layers (trlx/utils/modeling.py),
+    which APA's trainer applies to the policy only (accelerate_base_trainer.py setup_model)."""
+    if num_layers_unfrozen < 0:
+        return
+    blocks = decoder_blocks(model)
+    if num_layers_unfrozen > len(blocks):
+        raise ValueError(f"num_layers_unfrozen: expected -1 or 0..{len(blocks)} (the model's blocks), "
+                         f"got {num_layers_unfrozen}")
+    for block in list(blocks)[:len(blocks) - num_layers_unfrozen]:
+        block.requires_grad_(False)
+
+
+def mlp_value_head(hidden: int, device) -> nn.Sequential:
+    """trlx's make_head(hidden, 1) (trlx/utils/modeling.py), the value head of APA's critic
+    (modeling_sppo.py AutoModelForCausalLMWithValueHead: v_head = make_head(hidden_size, 1)): Linear(H, 2H),
+    ReLU, Linear(2H, 1), fp32, torch's default initialization (as there; seeded by the run's seed)."""
+    return nn.Sequential(nn.Linear(hidden, 2 * hidden, device=device, dtype=torch.float32), nn.ReLU(),
+                         nn.Linear(2 * hidden, 1, device=device, dtype=torch.float32))
+
+
+def copy_critic(bundle: Bundle) -> None:
+    """`--critic copy`: the critic becomes a separate copy of the policy's trunk (its LoRA adapters and
+    quantized base too, under peft; what trains in it is what trains in the policy) with `mlp_value_head`,
+    as APA's modeling_sppo.py (v_net = deepcopy(base_model), values from its last hidden state). The value
+    loss then trains the copy and never the policy. After a warm start, `sync_critic_copy` makes the copy
+    the warm-started policy's trunk again."""
+    trunk = _trunk(bundle.policy)
+    bundle.critic = copy.deepcopy(trunk)
+    bundle.value_head = mlp_value_head(_causal_lm(bundle.policy).config.hidden_size, bundle.device)
+
+
+def sync_critic_copy(bundle: Bundle) -> None:
+    """Copy the policy's trunk into the `copy_critic` critic again (its trainable parameters, the only ones
+    a warm start can have changed), so the critic starts RL from the policy at the start of RL."""
+    source = dict(_trunk(bundle.policy).named_parameters())
+    with torch.no_grad():
+        for name, p in bundle.critic.named_parameters():
+            if p.requires_grad:
+                p.copy_(source[name])
+
+
 def values(bundle: Bundle, hidden_states: torch.Tensor) -> torch.Tensor:
     """Values [B, T] (fp32) from final hidden states [B, T, H] of the value head's trunk: the policy's
-    (e.g. `fastrlhf.hf.hidden_states(policy, ...)`) or, with a critic, `critic_hidden_states(...)`."""
+    (e.g. `fastrlhf.hf.hidden_states(policy, ...)`) or, with a critic, `critic_hidden_states(...)`. The head
+    is nn.Linear(H, 1), or `mlp_value_head` with `--critic copy`."""
     head = bundle.value_head
-    if hidden_states.shape[-1] != head.in_features:
-        raise ValueError(f"hidden_states: expected last dim {head.in_features}, got {tuple(hidden_states.shape)}")
-    return head(hidden_states.to(head.weight.dtype)).squeeze(-1)
+    first = head[0] if isinstance(head, nn.Sequential) else head
+    if hidden_states.shape[-1] != first.in_features:
+        raise ValueError(f"hidden_states: expected last dim {first.in_features}, got {tuple(hidden_states.shape)}")
+    return head(hidden_states.to(first.weight.dtype)).squeeze(-1)
 
 
 def critic_hidden_states(bundle: Bundle, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Supervised warm-start before RL (`--sft_steps`), per task; the reference is then reset to the
-warm-started policy, with or without LoRA (`fastrlhf.models.reset_reference`), so the KL starts at 0.
+warm-started policy, with or without LoRA (`fastrlhf.models.reset_reference`), so the KL starts at 0, and
+a `--critic copy` critic to the warm-started trunk.
 
     arithmetic          next-token cross-entropy on the answers of fresh problems, some of them near misses,
                         so that RL starts from a policy that is right part of the time (fastrlhf's own job)
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import padula
-from .models import reset_reference
+from .models import reset_reference, sync_critic_copy
 from .passes import nll
 from .sequences import encode_prompts, pad_rows
 from .tasks import solve
@@ -73,6 +74,8 @@ def warm_start(run: Run):
         opt.step()
         if schedule is not None:
             schedule.step()
+    if cfg.critic == "copy":
+        sync_critic_copy(bundle)
     run.reference_state = reset_reference(bundle)
 
 
