@@ -79,6 +79,8 @@ PRESETS = {
         num_mini_batches=1,        # --num_rollouts 2 = --batch_size 2: one optimizer step per rollout
         ppo_epochs=1,              # PPOTrainer.train iterates the replay buffer once, then clears it
         adv_coeff=10.0,            # APA's 1/λ (as in "apa"); PPO does not read it
+        # Not preset fields: the critic pre-training of paper §5.4 is not in the released code
+        # (--critic_warmup_steps N, default 0); the critic is --reward_model's trunk when one is given.
     ),
     # APA as the official code: microsoft/RLHF-APA examples/apa_hh.py (its SPPOConfig; the same settings are
     # in examples/sppo_hh.py @ 1cd4c13, read here), trlx/models/modeling_sppo.py,
@@ -105,6 +107,10 @@ PRESETS = {
         num_mini_batches=1,
         ppo_epochs=2,              # apa_hh.py ppo_epochs=2 (two consecutive steps per mini-batch there)
         adv_coeff=10.0,            # apa_hh.py ADV_COEFF_SQ = 10 (the paper's 1/λ)
+        # Not preset fields (fastrlhf/recipes/apa-paper.yaml sets them): the official critic is a copy of the
+        # SFT trunk with an MLP head (modeling_sppo.py v_net, make_head): --critic copy, while "shared" stays
+        # every algorithm's memory-saving default (README, "The value model"); only the top 2 blocks train
+        # (ModelConfig num_layers_unfrozen=2): --num_layers_unfrozen 2, a per-model count.
     ),
 }
 
