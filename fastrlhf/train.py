@@ -372,8 +372,9 @@ def rollout(run: Run, prompts) -> Rollout:
 # ----------------------------------------------------------------------------------------------------
 
 def per_minibatch_whitening(cfg: TrainConfig) -> bool:
-    """Whether advantages are whitened (and clipped) per optimizer step's mini-batch, not per rollout."""
-    return bool(cfg.whiten_advantages) and cfg.whiten_scope == "minibatch"
+    """Whether advantages are whitened (and clipped) per optimizer step's mini-batch, not per rollout. With
+    one mini-batch per epoch the two scopes hold the same rows: the rollout is whitened once."""
+    return bool(cfg.whiten_advantages) and cfg.whiten_scope == "minibatch" and cfg.num_mini_batches > 1
 
 
 def minibatch_advantages(cfg: TrainConfig, roll: Rollout, mini: torch.Tensor) -> Rollout:

@@ -86,6 +86,13 @@ def test_whiten_scope_minibatch_whitens_each_optimizer_steps_rows(tmp_path, monk
         assert (whitened64(raw.advantages[mini], raw.mask[mini]) - whole).abs().max() > 1e-3   # not the rollout's
     assert torch.equal(b.advantages, raw.advantages)                # the rollout itself is left as it was
 
+    # one mini-batch per epoch: the scopes coincide and the rollout is whitened once, as with "rollout"
+    one = make_run(tmp_path / "one", "--whiten_scope", "minibatch", "--num_mini_batches", "1", *extra)
+    r = rollout(one)
+    if clip is None:
+        torch.testing.assert_close(r.advantages.double(), whitened64(r.advantages, r.mask), atol=1e-5, rtol=1e-5)
+    assert r.advantages.abs().max() > 0 and not train.per_minibatch_whitening(one.cfg)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # --critic_warmup_steps
