@@ -236,6 +236,15 @@ def test_critic_copy_refuses_a_critic_path_and_too_many_unfrozen_layers(tmp_path
     rm.mkdir()
     with pytest.raises(ValueError, match="critic: 'copy' copies the policy's trunk"):
         parse_args(["--critic", "copy", "--critic_model_name_or_path", str(rm)])
+    # ppo-max takes its critic from --reward_model unless the critic is the policy's copy
+    from transformers import LlamaConfig
+
+    from fastrlhf.tokenizer import CharTokenizer
+    LlamaConfig(vocab_size=CharTokenizer().vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, num_labels=1).save_pretrained(rm)
+    pm = ["--algo", "ppo-max", "--task", "sentiment", "--reward_model", str(rm)]
+    assert parse_args(pm).model.critic_model_name_or_path == str(rm)
+    assert parse_args(pm + ["--critic", "copy"]).model.critic_model_name_or_path is None
     cfg = parse_args(["--output_dir", str(tmp_path / "run"), "--num_layers_unfrozen", "5", *TINY])
     with pytest.raises(ValueError, match=r"num_layers_unfrozen: expected -1 or 0\.\.2"):
         train.setup(cfg)
