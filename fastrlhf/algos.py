@@ -107,11 +107,18 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef: float, estim
 
 def advantages_and_returns(rewards, values, mask, *, gamma: float, lam: float, whiten: bool = True,
                            clip: Optional[float] = None):
-    """GAE (returns are R = A + V, unwhitened), then masked advantage whitening and optional ±clip.
-    All [B, T] float32; 0 on pads."""
+    """GAE (returns are R = A + V, unwhitened), then masked advantage whitening and optional ±clip
+    (`normalize_advantages`). All [B, T] float32; 0 on pads."""
     adv, returns = ops.gae(rewards.float(), values.float(), mask.float(), gamma=gamma, lam=lam)
+    return normalize_advantages(adv, mask, whiten=whiten, clip=clip), returns
+
+
+def normalize_advantages(adv, mask, *, whiten: bool = True, clip: Optional[float] = None):
+    """adv, mask [B, T] -> adv whitened over all valid tokens together (when `whiten`), then clipped to ±clip
+    (when given); 0 on pads. The trainer calls it on the whole rollout or, with --whiten_scope minibatch, on
+    each optimizer step's rows."""
     if whiten:
         adv = ops.whiten(adv, mask.float())
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    return adv * mask.float(), returns
+    return adv * mask.float()

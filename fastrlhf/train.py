@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from . import checkpoint, metrics, ops
-from .algos import AdaptiveKL, RunningMoments, advantages_and_returns, scale_scores, token_rewards
+from .algos import (AdaptiveKL, RunningMoments, advantages_and_returns, normalize_advantages, scale_scores,
+                    token_rewards)
 from .config import TrainConfig, parse_args
 from .fused_linear import fused_linear_policy_loss
 from .generation import draw_lengths, generate, strip_stop
 from .hf import output_layer
 from .memory import PhaseMemory, out_of_memory_message, plan_memory
-from .models import Bundle, load
+from .models import Bundle, copy_critic, freeze_bottom_blocks, load
 from .optim import make_optimizer
 from .passes import nll, response_logprobs_and_entropy, sequence_hidden_states, value_forward
 from .ref import masked_mean
@@ -186,6 +187,9 @@ def setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     bundle = load(cfg.model, device)
+    if cfg.critic == "copy":
+        copy_critic(bundle)
+    freeze_bottom_blocks(bundle.policy, cfg.num_layers_unfrozen)
     task = make_task(cfg.task, digits=cfg.digits, operators=cfg.operators, prompts_file=cfg.prompts)
     reward_fn = make_reward(cfg.reward, reward_model=cfg.reward_model, reward_label=cfg.reward_label,
                             partial_credit=cfg.partial_credit, device=device, tokenizer=bundle.tokenizer,
@@ -234,7 +238,8 @@ class Rollout:
     old_logprobs [B, n] f32    the policy's log-probs of the labels before the update (no-grad pass)
     ref_logprobs [B, n] f32    the reference's
     old_values [B, n] f32      the values before the update
-    advantages [B, n] f32      GAE advantages, whitened (and clipped) (README, "Advantages and rewards")
+    advantages [B, n] f32      GAE advantages, whitened (and clipped) (README, "Advantages and rewards");
+                               with --whiten_scope minibatch not yet: `update` does it per mini-batch
     returns [B, n] f32         value targets R = A + V (A before whitening)
     entropy [B, n] f32         the policy's per-token entropy at the sampling temperature
     raw_scores [B] f32         the reward of each response
@@ -351,8 +356,10 @@ def rollout(run: Run, prompts) -> Rollout:
         old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
     beta = shaping.kl_ctl.value if cfg.kl_in == "reward" else 0.0
     rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_coef=beta, estimator=cfg.kl_estimator)
+    later = per_minibatch_whitening(cfg)   # then `update` whitens and clips each mini-batch's advantages
     adv, returns = advantages_and_returns(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                          whiten=cfg.whiten_advantages, clip=cfg.adv_clip)
+                                          whiten=cfg.whiten_advantages and not later,
+                                          clip=None if later else cfg.adv_clip)
     m = mask.float()
     return Rollout(input_ids=seq, attn=attn, P=P, mask=mask, labels=labels, old_logprobs=old_lp, ref_logprobs=ref_lp,
                    old_values=old_values, advantages=adv, returns=returns, entropy=entropy, raw_scores=raw,
@@ -363,6 +370,20 @@ def rollout(run: Run, prompts) -> Rollout:
 # ----------------------------------------------------------------------------------------------------
 # Update: epochs of micro-batches
 # ----------------------------------------------------------------------------------------------------
+
+def per_minibatch_whitening(cfg: TrainConfig) -> bool:
+    """Whether advantages are whitened (and clipped) per optimizer step's mini-batch, not per rollout. With
+    one mini-batch per epoch the two scopes hold the same rows: the rollout is whitened once."""
+    return bool(cfg.whiten_advantages) and cfg.whiten_scope == "minibatch" and cfg.num_mini_batches > 1
+
+
+def minibatch_advantages(cfg: TrainConfig, roll: Rollout, mini: torch.Tensor) -> Rollout:
+    """`roll` with the advantages of its rows `mini` whitened over those rows' valid tokens together (and
+    clipped to ±adv_clip), for --whiten_scope minibatch (README, "Advantages and rewards")."""
+    adv = roll.advantages.clone()
+    adv[mini] = normalize_advantages(roll.advantages[mini], roll.mask[mini], whiten=True, clip=cfg.adv_clip)
+    return dataclasses.replace(roll, advantages=adv)
+
 
 def loss_config(run: Run) -> ops.LossConfig:
     cfg = run.cfg
@@ -392,18 +413,22 @@ def ptx_loss(run: Run, n: int) -> torch.Tensor:
 
 
 def micro_batch_loss(run: Run, mb: Rollout, loss_cfg):
-    """Policy + value (+ ptx) loss of the micro-batch `mb` (rows of the rollout, `Rollout.rows`)."""
+    """Policy + value (+ ptx) loss of the micro-batch `mb` (rows of the rollout, `Rollout.rows`). During the
+    first --critic_warmup_steps RL steps only the value loss trains: the policy loss is computed without
+    gradient (for its statistics) and the shared trunk's hidden states reach the value head detached."""
     cfg, bundle, P, n = run.cfg, run.bundle, mb.P, mb.mask.shape[1]
+    critic_only = run.step < cfg.critic_warmup_steps      # run.step: the RL steps completed before this one
     weight, bias = output_layer(bundle.policy)
     with run.autocast():
-        h = sequence_hidden_states(bundle.policy, mb.input_ids, mb.attn)[:, P - 1:P - 1 + n]
-        pg_loss, out = policy_forward(h, weight, bias, mb.labels, mb.mask, mb.advantages, mb.old_logprobs,
-                                      mb.ref_logprobs, loss_cfg, run.sizes.loss_chunk)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not critic_only):
+            h = sequence_hidden_states(bundle.policy, mb.input_ids, mb.attn)[:, P - 1:P - 1 + n]
+            pg_loss, out = policy_forward(h, weight, bias, mb.labels, mb.mask, mb.advantages, mb.old_logprobs,
+                                          mb.ref_logprobs, loss_cfg, run.sizes.loss_chunk)
         v = value_forward(bundle, mb.input_ids, mb.attn, h, P, n)
         v_loss, v_stats = ops.value_loss(v.float(), mb.old_values, mb.returns, mb.mask.float(),
                                          clip=cfg.cliprange_value)
-        loss = pg_loss + cfg.vf_coef * v_loss
-        if cfg.ptx_coef > 0:
+        loss = cfg.vf_coef * v_loss if critic_only else pg_loss + cfg.vf_coef * v_loss
+        if cfg.ptx_coef > 0 and not critic_only:
             loss = loss + cfg.ptx_coef * ptx_loss(run, mb.input_ids.shape[0])
     return loss, {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "clip_frac": out["clip_frac"],
                   "approx_kl": out["approx_kl"], "value_clip_frac": v_stats["value_clip_frac"]}
@@ -436,7 +461,8 @@ def update(run: Run, roll: Rollout) -> dict:
         order = torch.randperm(B, generator=run.streams.shuffle).to(run.device)
         for mini in order.split(per_step):
             opt.optimizer.zero_grad(set_to_none=True)
-            step_stats = accumulate_gradients(run, roll, mini, loss_cfg)
+            batch = minibatch_advantages(cfg, roll, mini) if per_minibatch_whitening(cfg) else roll
+            step_stats = accumulate_gradients(run, batch, mini, loss_cfg)
             stats += step_stats
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
             if not bool(torch.isfinite(norm)):   # one host read per optimizer step; the weights are not updated

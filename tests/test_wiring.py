@@ -701,6 +701,11 @@ KNOB_TESTS = {
     "min_new_tokens": ["test_generate.py::test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings"],
     "reward_input": ["test_rewards.py::test_reward_input_for_reward_models_and_vader"],
     "log_samples": ["test_samples.py::test_train_writes_samples_and_resume_matches_uninterrupted"],
+    "whiten_scope": ["test_paper_knobs.py::test_whiten_scope_minibatch_whitens_each_optimizer_steps_rows"],
+    "critic": ["test_paper_knobs.py::test_critic_copy_is_a_separate_trunk_with_an_mlp_head",
+               "test_paper_knobs.py::test_critic_copy_starts_from_the_warm_started_policy"],
+    "critic_warmup_steps": ["test_paper_knobs.py::test_critic_warmup_updates_only_the_value_model_then_ppo"],
+    "num_layers_unfrozen": ["test_paper_knobs.py::test_num_layers_unfrozen_trains_only_the_top_blocks"],
 }
 
 
