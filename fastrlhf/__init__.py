@@ -28,7 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchProbs", "Generation", "LossConfig", "batch_probs", "fused_linear_batch_probs", "fused_linear_logprobs",
-    "fused_linear_policy_loss", "generate", "info", "apa_policy_loss", "batch_entropy", "gae", "kl_penalty", "logprobs_and_entropy",
+    "fused_linear_policy_loss", "generate", "info", "apa_policy_loss", "batch_entropy", "gae", "kl_penalty",
+    "logprobs_and_entropy",
     "policy_loss_from_logits", "ppo_policy_loss", "sample_tokens", "token_entropy", "token_logprobs",
     "use_backend", "value_loss", "whiten",
 ]

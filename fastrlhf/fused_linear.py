@@ -345,7 +345,8 @@ def _batch_entropy_dz(p, g_rows, w_rows, temperature):
     """∂H_batch/∂x for one chunk -> (w·p·(g − Σ_u p_u g_u)/τ [n, V], Σ_u p_u g_u [n, 1]) with
     p = softmax(x/τ) [n, V] float32, g_rows [n, V] (a fresh gather, overwritten), w_rows [n]; exactly 0
     (selected) on masked rows (w = 0). With g = −(log p̄ + 1)/n_pos this is the gradient of H_batch w.r.t.
-    row i for the p̄ of any batch holding it: ∂H(p̄)/∂p̄ = −(log p̄ + 1), ∂p̄/∂z_i = w_i·(diag(p_i) − p_i p_iᵀ)."""
+    row i for the p̄ of any batch holding it: ∂H(p̄)/∂p̄ = −(log p̄ + 1),
+    ∂p̄/∂z_i = w_i·(diag(p_i) − p_i p_iᵀ)."""
     pg = torch.bmm(p[:, None, :], g_rows[:, :, None]).view(-1, 1)
     w = w_rows[:, None]
     return g_rows.sub_(pg).mul_(p).mul_(w / temperature).masked_fill_(w == 0, 0.0), pg

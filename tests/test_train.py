@@ -51,6 +51,7 @@ def test_each_algorithm_with_every_regularizer(algo, tmp_path):
     assert train.main(argv) == 0
     recs = records(out)
     _check_records(recs, 2)
+    assert all(r["batch_entropy"] > 0 for r in recs)   # the mini-batch's, from the pre-pass (2 micro-batches)
     if algo == "ppo-max":
         assert recs[1]["kl_coef"] != 0.1          # the controller moved β
         assert list((out / "tensorboard").iterdir())
