@@ -333,8 +333,8 @@ def test_optimizer_steps_micro_batches_and_grad_norm(tmp_path, monkeypatch):
     rows, losses, norms, clipped = [], [], [], []
     real_loss, real_acc = train.micro_batch_loss, train.accumulate_gradients
 
-    def loss_spy(run_, mb, cfg):
-        loss, stats = real_loss(run_, mb, cfg)
+    def loss_spy(run_, mb, cfg, *rest):
+        loss, stats = real_loss(run_, mb, cfg, *rest)
         rows.append(mb.texts)
         losses.append({k: float(v.detach()) for k, v in {"loss": loss, **stats}.items()})
         return loss, stats
