@@ -435,3 +435,31 @@ def test_metrics_log_batch_entropy_each_step_only_when_it_is_on(tmp_path):
             assert all(0 < r["batch_entropy"] <= math.log(train.setup(train.parse_args(
                 ["--output_dir", str(out), "--overwrite_output_dir", *base])).bundle.policy.config.vocab_size)
                 for r in recs)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_in_masked_rows_reaches_no_statistic_value_or_gradient(backend, positions):
+    """NaN logits / hidden states at masked positions (padding, the empty row): BatchProbs, the loss with
+    batch_probs= and its gradient are those of the clean inputs, with a gradient of exactly 0 there."""
+    hid, w, bias, labels, mask, adv, old = _problem(V=29, H=12, seed=3)
+    dirty = hid.masked_fill((mask == 0)[..., None], float("nan"))
+    kw = dict(temperature=1.0, batch_entropy_coef=0.4)
+    with F.use_backend(backend):
+        for make in (lambda h: h @ w.t() + bias, None):          # the logits path, then the fused linear path
+            results = []
+            for h in (hid, dirty):
+                leaf = (make(h) if make else h).detach().requires_grad_()
+                if make:
+                    stats = F.batch_probs(leaf.detach(), mask, positions=positions)
+                    loss, out = F.policy_loss_from_logits(leaf, labels, mask, adv, old, old, batch_probs=stats, **kw)
+                else:
+                    stats = F.fused_linear_batch_probs(h, w, mask, bias=bias, positions=positions, chunk_size=7)
+                    loss, out = F.fused_linear_policy_loss(leaf, w, labels, mask, adv, old, old, bias=bias,
+                                                           chunk_size=7, batch_probs=stats, **kw)
+                loss.backward()
+                results.append((stats.probs, loss.detach(), out["batch_entropy"], leaf.grad))
+            for clean, got in zip(*results):
+                assert torch.isfinite(got).all()
+                torch.testing.assert_close(got, clean, atol=1e-6, rtol=1e-5)
+            assert (results[1][3][mask == 0] == 0).all()
