@@ -21,7 +21,7 @@ from typing import Optional
 from .models import PADULA_SIZES, ModelConfig
 from .models import validate as validate_model
 from .optim import OPTIMIZERS
-from .ref import KL_ESTIMATORS
+from .ref import BATCH_ENTROPY_POSITIONS, KL_ESTIMATORS
 from .rewards import BUILTIN_REWARDS
 from .tasks import make_task
 
@@ -204,7 +204,12 @@ class TrainConfig:
     cliprange_value: Optional[float] = _f(None, "value clip ε_v (None: ½ MSE)", preset=True)
     adv_coeff: Optional[float] = _f(None, "APA 1/λ", preset=True)
     entropy_coef: float = _f(0.0, "entropy bonus weight")
-    batch_entropy_coef: float = _f(0.0, "batch-entropy bonus weight")
+    batch_entropy_coef: float = _f(0.0, "batch-entropy bonus weight: loss −= this × H_batch, the entropy of the "
+                                        "PPO mini-batch's mean distribution (README, \"Batch entropy\")")
+    batch_entropy_positions: str = _f("all", "positions H_batch averages: all (H(p̄_t) at each response position "
+                                             "t, averaged over the positions with a valid token) | last (one p̄ "
+                                             "over each row's last valid response token: Padula & Soemers' "
+                                             "one-token answers)", BATCH_ENTROPY_POSITIONS)
     kl_coef: Optional[float] = _f(None, "KL weight β (initial value with --adaptive_kl)", preset=True)
     kl_estimator: Optional[str] = _f(None, "KL estimator k1 | k2 | k3", KL_ESTIMATORS + (None,), preset=True)
     kl_in: Optional[str] = _f(None, "reward (per-token shaping) | loss (policy-loss term)",
@@ -498,6 +503,7 @@ def validate(cfg: TrainConfig):
     _choice("critic", cfg.critic, ("shared", "copy"))
     _choice("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)
     _choice("kl_in", cfg.kl_in, ("reward", "loss"))
+    _choice("batch_entropy_positions", cfg.batch_entropy_positions, BATCH_ENTROPY_POSITIONS)
     positive_ints = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "num_mini_batches",
                      "ppo_epochs", "max_new_tokens", "max_prompt_length", "logging_steps", "sft_batch_size",
                      "eval_samples")

@@ -34,14 +34,14 @@ from . import checkpoint, metrics, ops
 from .algos import (AdaptiveKL, RunningMoments, advantages_and_returns, normalize_advantages, scale_scores,
                     token_rewards)
 from .config import TrainConfig, parse_args
-from .fused_linear import fused_linear_policy_loss
+from .fused_linear import fused_linear_batch_probs, fused_linear_policy_loss
 from .generation import draw_lengths, generate, strip_stop
 from .hf import output_layer
 from .memory import PhaseMemory, out_of_memory_message, plan_memory
 from .models import Bundle, copy_critic, freeze_bottom_blocks, load
 from .optim import make_optimizer
 from .passes import nll, response_logprobs_and_entropy, sequence_hidden_states, value_forward
-from .ref import masked_mean
+from .ref import BatchProbs, masked_mean
 from .rewards import make_reward, scores_tensor
 from .sequences import encode_prompts, pad_rows
 from .tasks import load_prompts, make_task
@@ -395,11 +395,12 @@ def loss_config(run: Run) -> ops.LossConfig:
 
 
 def policy_forward(hidden, weight, bias, labels, mask, advantages, old_logprobs, ref_logprobs,
-                   loss_cfg: ops.LossConfig, chunk_size=None):
+                   loss_cfg: ops.LossConfig, chunk_size=None, batch_probs=None):
     """The policy loss of one micro-batch from hidden states [B, n, H] -> (loss, out dict), on the
-    fused linear path (the [B, n, V] logits are never materialized)."""
+    fused linear path (the [B, n, V] logits are never materialized); batch_probs: the mini-batch's
+    batch-entropy statistics (`fused_linear_policy_loss`)."""
     return fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs,
-                                    bias=bias, chunk_size=chunk_size, config=loss_cfg)
+                                    bias=bias, chunk_size=chunk_size, config=loss_cfg, batch_probs=batch_probs)
 
 
 def ptx_loss(run: Run, n: int) -> torch.Tensor:
@@ -412,26 +413,59 @@ def ptx_loss(run: Run, n: int) -> torch.Tensor:
     return nll(run.bundle.policy, ids, attn, 1, attn[:, 1:])
 
 
-def micro_batch_loss(run: Run, mb: Rollout, loss_cfg):
-    """Policy + value (+ ptx) loss of the micro-batch `mb` (rows of the rollout, `Rollout.rows`). During the
-    first --critic_warmup_steps RL steps only the value loss trains: the policy loss is computed without
-    gradient (for its statistics) and the shared trunk's hidden states reach the value head detached."""
+def micro_batch_loss(run: Run, mb: Rollout, loss_cfg, batch_probs: Optional[BatchProbs] = None):
+    """Policy + value (+ ptx) loss of the micro-batch `mb` (rows of the rollout, `Rollout.rows`).
+
+    With batch entropy on, its statistics are `batch_probs` (the mini-batch's, `mini_batch_probs`), else this
+    micro-batch's own, from its forward (one GEMM pass): the policy loss then carries this micro-batch's part
+    of the mini-batch's H_batch (README, "Batch entropy"). During the first --critic_warmup_steps RL steps
+    only the value loss trains: the policy loss is computed without gradient (for its statistics) and the
+    shared trunk's hidden states reach the value head detached."""
     cfg, bundle, P, n = run.cfg, run.bundle, mb.P, mb.mask.shape[1]
     critic_only = run.step < cfg.critic_warmup_steps      # run.step: the RL steps completed before this one
     weight, bias = output_layer(bundle.policy)
     with run.autocast():
         with torch.set_grad_enabled(torch.is_grad_enabled() and not critic_only):
             h = sequence_hidden_states(bundle.policy, mb.input_ids, mb.attn)[:, P - 1:P - 1 + n]
+            if loss_cfg.batch_entropy_coef and batch_probs is None:
+                batch_probs = fused_linear_batch_probs(h, weight, mb.mask, bias=bias, temperature=cfg.temperature,
+                                                       positions=cfg.batch_entropy_positions,
+                                                       chunk_size=run.sizes.loss_chunk)
             pg_loss, out = policy_forward(h, weight, bias, mb.labels, mb.mask, mb.advantages, mb.old_logprobs,
-                                          mb.ref_logprobs, loss_cfg, run.sizes.loss_chunk)
+                                          mb.ref_logprobs, loss_cfg, run.sizes.loss_chunk, batch_probs)
         v = value_forward(bundle, mb.input_ids, mb.attn, h, P, n)
         v_loss, v_stats = ops.value_loss(v.float(), mb.old_values, mb.returns, mb.mask.float(),
                                          clip=cfg.cliprange_value)
         loss = cfg.vf_coef * v_loss if critic_only else pg_loss + cfg.vf_coef * v_loss
         if cfg.ptx_coef > 0 and not critic_only:
             loss = loss + cfg.ptx_coef * ptx_loss(run, mb.input_ids.shape[0])
-    return loss, {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "clip_frac": out["clip_frac"],
-                  "approx_kl": out["approx_kl"], "value_clip_frac": v_stats["value_clip_frac"]}
+    stats = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "clip_frac": out["clip_frac"],
+             "approx_kl": out["approx_kl"], "value_clip_frac": v_stats["value_clip_frac"]}
+    if loss_cfg.batch_entropy_coef:
+        stats["batch_entropy"] = out["batch_entropy"]          # the mini-batch's H_batch
+    return loss, stats
+
+
+@torch.no_grad()
+def mini_batch_probs(run: Run, roll: Rollout, mini: torch.Tensor) -> Optional[BatchProbs]:
+    """The batch-entropy statistics of the mini-batch `mini` (rows of the rollout): a no-grad forward of
+    each of its micro-batches at the current weights, summed (README, "Batch entropy"). None when batch
+    entropy is off, or when the mini-batch is one micro-batch (its loss forward gives them: no extra pass).
+    The forward runs in the update's mode, as the loss's does (dropout, where a model has it, draws anew)."""
+    cfg = run.cfg
+    if not cfg.batch_entropy_coef or len(mini) <= run.sizes.micro_batch:
+        return None
+    weight, bias = output_layer(run.bundle.policy)
+    total = None
+    for idx in mini.split(run.sizes.micro_batch):
+        mb = roll.rows(idx)
+        n = mb.mask.shape[1]
+        with run.autocast():
+            h = sequence_hidden_states(run.bundle.policy, mb.input_ids, mb.attn)[:, mb.P - 1:mb.P - 1 + n]
+            part = fused_linear_batch_probs(h, weight, mb.mask, bias=bias, temperature=cfg.temperature,
+                                            positions=cfg.batch_entropy_positions, chunk_size=run.sizes.loss_chunk)
+        total = part if total is None else total + part
+    return total
 
 
 def accumulate_gradients(run: Run, roll: Rollout, mini: torch.Tensor, loss_cfg) -> list:
@@ -439,12 +473,21 @@ def accumulate_gradients(run: Run, roll: Rollout, mini: torch.Tensor, loss_cfg) 
 
     The loss is the masked mean over all response tokens of the mini-batch: each micro-batch's masked
     mean is weighted by its share of those tokens, so the gradient does not depend on the micro-batch size.
+    Batch entropy is the mini-batch's H_batch, whatever the micro-batch size: with several micro-batches,
+    `mini_batch_probs` gives the mini-batch's p̄ first, and each micro-batch's loss carries its part of
+    H_batch (the parts add up to it and their gradients are exact), which enters with weight 1: its
+    coefficient is divided by the token share that the whole micro-batch loss is multiplied by.
     """
     stats = []
     tokens = roll.mask[mini].sum().clamp_min(1)
+    batch_probs = mini_batch_probs(run, roll, mini)
     for idx in mini.split(run.sizes.micro_batch):
-        loss, s = micro_batch_loss(run, roll.rows(idx), loss_cfg)
-        (loss * (roll.mask[idx].sum() / tokens)).backward()
+        share = roll.mask[idx].sum() / tokens
+        cfg_mb = loss_cfg
+        if batch_probs is not None and bool(share > 0):   # a share of 0: no valid row, no part of H_batch
+            cfg_mb = dataclasses.replace(loss_cfg, batch_entropy_coef=loss_cfg.batch_entropy_coef / share.item())
+        loss, s = micro_batch_loss(run, roll.rows(idx), cfg_mb, batch_probs)
+        (loss * share).backward()
         stats.append({"loss": loss.detach(), **s})
     return stats
 

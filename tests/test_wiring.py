@@ -333,8 +333,8 @@ def test_optimizer_steps_micro_batches_and_grad_norm(tmp_path, monkeypatch):
     rows, losses, norms, clipped = [], [], [], []
     real_loss, real_acc = train.micro_batch_loss, train.accumulate_gradients
 
-    def loss_spy(run_, mb, cfg):
-        loss, stats = real_loss(run_, mb, cfg)
+    def loss_spy(run_, mb, cfg, *rest):
+        loss, stats = real_loss(run_, mb, cfg, *rest)
         rows.append(mb.texts)
         losses.append({k: float(v.detach()) for k, v in {"loss": loss, **stats}.items()})
         return loss, stats
@@ -681,7 +681,10 @@ KNOB_TESTS = {
     "cliprange_value": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "adv_coeff": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
-    "batch_entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "batch_entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas",
+                           "test_batch_entropy.py::test_trainer_update_is_the_same_for_every_micro_batch_size",
+                           "test_batch_entropy.py::test_metrics_log_batch_entropy_each_step_only_when_it_is_on"],
+    "batch_entropy_positions": ["test_batch_entropy.py::test_trainer_update_is_the_same_for_every_micro_batch_size"],
     "kl_coef": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "kl_estimator": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "kl_in": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
