@@ -269,3 +269,39 @@ def test_hidden_states_through_ddp(tmp_path):
         assert model.model.layers[0].mlp.up_proj.weight.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_hidden_states_through_fsdp2(tmp_path):
+    """An FSDP2 (fully_shard) model on one gloo rank: the wrapper's forward runs (its all-gather hooks), the
+    output weight fetched before the forward is a sharded DTensor that output_layer gathers, and the fused
+    loss reaches the same gradients as on the unwrapped model."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from fastrlhf import hf
+    model = _tiny_llama()
+    plain = copy.deepcopy(model)
+    ids = torch.randint(0, V, (2, 7))
+    adv = torch.randn(2)
+
+    def step(m):
+        weight, bias = hf.output_layer(m)
+        loss, _ = fused_linear_policy_loss(hf.hidden_states(m, ids)[:, :-1], weight, ids[:, 1:], torch.ones(2, 6),
+                                           adv, bias=bias)
+        loss.backward()
+        return loss
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert hf._wrapped(model) and hasattr(model.lm_head.weight, "full_tensor")     # sharded before forward
+        loss = step(model)
+        expect = step(plain)
+        assert torch.allclose(loss, expect, atol=1e-6)
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            assert torch.allclose(p.grad.full_tensor(), q.grad, atol=1e-6), name
+    finally:
+        dist.destroy_process_group()
