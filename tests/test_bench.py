@@ -115,3 +115,23 @@ def test_one_command_at_smoke_size(tmp_path):
             for k in [k for k in r if k.startswith("speedup_vs_")]:
                 base = ms[r["op"], json.dumps(r["shape"], sort_keys=True), k.removeprefix("speedup_vs_")]
                 assert r[k] == pytest.approx(base / r["ms"]), (name, r)
+
+
+def test_trl_step_impls_compute_one_loss():
+    """bench_trl.py's two impls do the same work: one loss and one set of gradients on one micro-batch."""
+    pytest.importorskip("trl")
+    import tempfile
+
+    import bench_trl
+
+    shape = bench_trl.SHAPES["smoke"][0]
+    got = {}
+    for impl in ("trl", "fastrlhf"):
+        with tempfile.TemporaryDirectory() as out:
+            trainer = bench_trl.make_trainer(impl, **shape, device=torch.device("cpu"), out_dir=out)
+            loss = bench_trl.grpo_step(trainer, bench_trl.make_inputs(**shape, device=torch.device("cpu")))()
+            got[impl] = loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    assert abs(got["trl"][0] - got["fastrlhf"][0]) <= 1e-6
+    assert got["trl"][1].keys() == got["fastrlhf"][1].keys()
+    for name, g in got["trl"][1].items():
+        torch.testing.assert_close(got["fastrlhf"][1][name], g, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
