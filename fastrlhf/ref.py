@@ -427,9 +427,10 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
     """The row core shared by the logits path and the fused linear path, for one chunk of rows.
 
     logits2d [n, V]; labels, advantages, old/ref log-probs [n] (None: as in `token_loss`); weight [n] =
-    the aggregation weights of the whole micro-batch (`loss_weights`). Returns (ℓ [n], H [n], kl [n], Σ_t weight·loss_t (scalar), dz [n, V] float32)
-    where dz = ∂(Σ_t weight_t·loss_t)/∂logits: the gradient is known in the forward pass because
-    each token's loss depends on its own row only (batch entropy is added separately).
+    the aggregation weights of the whole micro-batch (`loss_weights`). Returns (ℓ [n], H [n], kl [n],
+    Σ_t weight·loss_t (scalar), dz [n, V] float32) where dz = ∂(Σ_t weight_t·loss_t)/∂logits: the
+    gradient is known in the forward pass because each token's loss depends on its own row only (batch
+    entropy is added separately).
     """
     lp, ent, p, zc, valid = _row_stats_chunk(logits2d, labels, cfg.temperature, -100)
     total, kl, g_lp, g_ent = token_loss_grads(lp, ent, weight, advantages.float(), _float(old_logprobs),
