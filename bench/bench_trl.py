@@ -13,6 +13,8 @@ Sizes: smoke a 1-layer H=16 model, V=64, B=2, P=4, T=8; cpu the tiny model (H=64
 B=8, P=16, T=64) and a larger one (H=512, 4 layers, V=32000, B=4, P=32, T=256); gpu H=896, 4 layers,
 V=151936, B=8, P=128, T=1024 (Qwen2.5-0.5B's width and vocabulary, fewer layers).
 Impls: trl (trl.GRPOTrainer, TRL's own chunked log-prob head) and fastrlhf (the integration).
+Peak memory: the step's gradients (the same in both) plus what it allocates on top; on the CPU buffers
+under glibc's mmap threshold (≤ 32 MiB) reuse pages resident from the previous call and do not count.
 """
 from __future__ import annotations
 
@@ -82,8 +84,10 @@ def make_inputs(H, L, V, B, P, T, dtype, device):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def grpo_step(trainer, inputs):
-    """compute_loss + backward of one micro-batch; the gradients are cleared first so every call allocates them."""
+def grpo_step(trainer, inputs, keep_grads=False):
+    """compute_loss + backward of one micro-batch. The gradients are freed after each call (unless
+    keep_grads), so that every call allocates them and the peak-memory figure (a forked child's peak RSS
+    over its RSS at the start) counts them: the figure is one step's gradients plus its transient buffers."""
     model = trainer.model
     model.train()
     trainer.current_gradient_accumulation_steps = 1       # set by Trainer's loop, which is not run here
@@ -92,6 +96,8 @@ def grpo_step(trainer, inputs):
         model.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(model, inputs)
         loss.backward()
+        if not keep_grads:
+            model.zero_grad(set_to_none=True)
         return loss
     return step
 

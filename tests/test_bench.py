@@ -129,7 +129,8 @@ def test_trl_step_impls_compute_one_loss():
     for impl in ("trl", "fastrlhf"):
         with tempfile.TemporaryDirectory() as out:
             trainer = bench_trl.make_trainer(impl, **shape, device=torch.device("cpu"), out_dir=out)
-            loss = bench_trl.grpo_step(trainer, bench_trl.make_inputs(**shape, device=torch.device("cpu")))()
+            loss = bench_trl.grpo_step(trainer, bench_trl.make_inputs(**shape, device=torch.device("cpu")),
+                                          keep_grads=True)()
             got[impl] = loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     assert abs(got["trl"][0] - got["fastrlhf"][0]) <= 1e-6
     assert got["trl"][1].keys() == got["fastrlhf"][1].keys()
