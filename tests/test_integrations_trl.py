@@ -135,8 +135,10 @@ def test_unsupported_options_fail_at_construction(model_dir, tmp_path):
         check_supported(args(loss_type="cispo"))
     with pytest.raises(ValueError, match="importance_sampling_level: expected 'token', got 'sequence'"):
         check_supported(args(importance_sampling_level="sequence"))
-    with pytest.raises(ValueError, match="delta: expected None or a number >= 1 \\+ epsilon_high"):
+    with pytest.raises(ValueError, match="delta: expected None or a number > 1 and >= 1 \\+ epsilon_high"):
         check_supported(args(delta=1.1))
+    with pytest.raises(ValueError, match="delta: .* got 1.0"):
+        check_supported(args(delta=1.0, epsilon=0.0))
     with pytest.raises(ValueError, match="entropy_coef: expected 0.0, got 0.01"):
         check_supported(args(entropy_coef=0.01))
     with pytest.raises(ValueError, match="top_entropy_quantile: expected 1.0, got 0.2"):
