@@ -6,7 +6,8 @@ Stages, each a subprocess with its own time limit (STAGES, scaled by --budget-s 
     tests      pytest -m cuda over --tests (default tests/): the CUDA tests (skipped without CUDA; the
                first CUDA stage also builds the extension and Triton's caches for the rest)
     micro      pytest bench/ --benchmark-only --bench-size SIZE --benchmark-json (every bench_<op>.py
-               microbenchmark: op × shape × impl; --bench-budget-s makes it stop starting cases in time)
+               microbenchmark: op × shape × impl, bench_trl.py's GRPO step of TRL native vs TRL + fastrlhf
+               included; --bench-budget-s makes it stop starting cases in time)
     train      bench_train.py (end-to-end RL steps; --gpu-sizes at the gpu size; smoke: one PPO step)
     memory     bench_memory.py (smoke: APA only; --gpu-sizes --models qwen2.5-0.5b at the gpu size; the Llama-3-8B case
                writes a 16 GB checkpoint first and runs on its own: `python bench/bench_memory.py --gpu-sizes

@@ -26,6 +26,13 @@ def number(name, value, expected, ok=lambda v: True, *, none_ok=False):
     return float(value)
 
 
+def flag(name, value):
+    """`value` if it is a bool, else TypeError."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
 def choice(name, value, choices):
     """`value` if it is one of the strings `choices`, else ValueError."""
     if not (isinstance(value, str) and value in choices):

@@ -26,6 +26,12 @@ no first pass: the main pass uses that p̄.
 Chunk size (`chunk_size=None`): rows such that one float32 [rows, V] buffer fits a budget, 16 MiB
 on CPU, min(free/16, 128 MiB) on CUDA (`choose_chunk_size`); the caller can override it.
 grad_W is accumulated in float32 when asked (`accum_fp32=True`), by default when V ≥ 250k.
+
+Mixed dtypes (`matmul_dtype`): hidden states in an autocast dtype (bf16) with a float32 output layer are
+accepted; the GEMMs run in torch.promote_types(hidden, weight) (None, the default: float32 there),
+in a given dtype, or in the autocast dtype when autocast is on ("autocast": bit-parity with a trainer
+whose head runs under autocast). The inputs are cast once before the chunk loop (autograd casts their
+gradients back), and autocast is off inside: each GEMM runs in exactly that dtype.
 """
 from __future__ import annotations
 
@@ -75,15 +81,32 @@ def _check_linear(hidden, weight, bias, chunk_size):
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}] (H = hidden.shape[-1]) with a vocabulary "
                          f"of V >= 1 tokens, got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected dtype {hidden.dtype} (like hidden), got {weight.dtype}")
     if bias is not None:
         _check_float("bias", bias)
         _check_same("bias", bias, weight.shape[:1], hidden.device)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: expected dtype {hidden.dtype} (like hidden), got {bias.dtype}")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
+
+
+MATMUL_DTYPES = (None, "autocast", torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def matmul_dtype_for(matmul_dtype, hidden, weight, bias=None):
+    """The dtype the GEMMs run in: None -> the promotion of the inputs' dtypes; "autocast" -> the autocast
+    dtype of hidden's device when autocast is on there, else as None; a torch floating dtype -> itself."""
+    if not any(matmul_dtype is d or matmul_dtype == d for d in MATMUL_DTYPES):
+        raise ValueError(f"matmul_dtype: expected one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
+    if matmul_dtype == "autocast" and torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    if isinstance(matmul_dtype, torch.dtype):
+        return matmul_dtype
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
+
+
+def _cast(dtype, *tensors):
+    """Each tensor in `dtype` (autograd casts its gradient back); None stays None."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def _logits(h, weight, bias):
@@ -251,7 +274,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
 
 def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
-                          return_entropy=False, chunk_size=None, accum_fp32=None):
+                          return_entropy=False, chunk_size=None, accum_fp32=None, matmul_dtype=None):
     """log p(label) of x = hidden @ weightᵀ + bias under softmax(x/τ), without holding [N, V].
 
     hidden [..., H], weight [V, H], labels [...] (ignore_index allowed), bias [V] or None.
@@ -259,20 +282,23 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     Differentiable w.r.t. hidden, weight and bias; under torch.no_grad() (or when none of them
     requires grad) it costs one GEMM pass and no gradient buffers. chunk_size: tokens per chunk
     (None: `choose_chunk_size`). accum_fp32: accumulate grad_W in float32 (None: when V ≥ 250k).
+    matmul_dtype: the GEMMs' dtype (module docstring; None: the inputs' promoted dtype).
     """
     _check_linear(hidden, weight, bias, chunk_size)
     ops._check_temperature(temperature)
+    dtype = matmul_dtype_for(matmul_dtype, hidden, weight, bias)
     vocab, width = weight.shape
     _check_same("labels", labels, hidden.shape[:-1], hidden.device)
     _check_labels("labels", labels, (*hidden.shape[:-1], vocab), ignore_index)
-    hidden2d = hidden.reshape(-1, width)
+    hidden2d, weight, bias = _cast(dtype, hidden.reshape(-1, width), weight, bias)
     labels1d = labels.reshape(-1).long()
     rows = chunk_size or choose_chunk_size(hidden2d.shape[0], vocab, hidden.device)
     args = (float(temperature), int(ignore_index), rows)
-    if any(_needs(hidden, weight, bias)):
-        lp, ent = _FusedLinearLogprobs.apply(hidden2d, weight, bias, labels1d, *args, accum_fp32)
-    else:
-        lp, ent, _ = _logprobs_pass(hidden2d, weight, bias, labels1d, *args)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if any(_needs(hidden2d, weight, bias)):
+            lp, ent = _FusedLinearLogprobs.apply(hidden2d, weight, bias, labels1d, *args, accum_fp32)
+        else:
+            lp, ent, _ = _logprobs_pass(hidden2d, weight, bias, labels1d, *args)
     lp, ent = lp.view(labels.shape), ent.view(labels.shape)
     return (lp, ent) if return_entropy else lp
 
@@ -370,14 +396,14 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
             h = hidden2d[s:e]
             if torch_rows is not None:
                 lp[s:e], ent[s:e], _, state = torch_rows.stats(h, weight, bias, labels[s:e], cfg.temperature, -100)
-                t, kl[s:e], g_lp, g_ent = ref.token_loss_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e], old[s:e],
-                                                               ref_lp[s:e], cfg)
+                t, kl[s:e], g_lp, g_ent = ref.token_loss_grads(lp[s:e], ent[s:e], wts[s:e], adv[s:e],
+                                                               ref._rows(old, s, e), ref._rows(ref_lp, s, e), cfg)
                 dz = None if grads is None else torch_rows.grad(state, g_lp, g_ent, cfg.temperature)
                 p = state[1]
             else:
                 x = _logits(h, weight, bias)
-                lp[s:e], ent[s:e], kl[s:e], t, dz = row_core(x, labels[s:e], wts[s:e], adv[s:e], old[s:e],
-                                                              ref_lp[s:e], cfg)
+                lp[s:e], ent[s:e], kl[s:e], t, dz = row_core(x, labels[s:e], wts[s:e], adv[s:e],
+                                                              ref._rows(old, s, e), ref._rows(ref_lp, s, e), cfg)
                 p = torch.softmax(x.float() / cfg.temperature, dim=-1) if bent is not None else None
             total += t
             bent_dz = None
@@ -421,20 +447,24 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
-def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs, *,
+def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs=None, ref_logprobs=None, *,
                              bias=None, chunk_size=None, config=None, algo="ppo", temperature=1.0, clip_low=0.2,
                              clip_high=0.2, dual_clip=None, adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0,
-                             kl_estimator="k3", batch_entropy_coef=0.0, accum_fp32=None, batch_probs=None):
+                             kl_estimator="k3", batch_entropy_coef=0.0, loss_agg_mode="token-mean",
+                             kl_importance_weighted=False, normalizer=None, accum_fp32=None, matmul_dtype=None,
+                             batch_probs=None):
     """`policy_loss_from_logits(hidden @ weightᵀ + bias, ...)` without holding the [N, V] logits.
 
     hidden [..., H] (batch entropy needs [B, T, H]), weight [V, H], bias [V] or None; labels, mask,
-    advantages, old/ref log-probs [...]. Same knobs (keywords, or a ready `config=LossConfig(...)` with
+    advantages ([B] too, broadcast over T), old/ref log-probs [...] (None: on-policy / no reference),
+    normalizer as in `fastrlhf.policy_loss_from_logits`. Same knobs (keywords, or a ready `config=LossConfig(...)` with
     the keywords left at their defaults), value and gradients (w.r.t. hidden, weight, bias) as
     `fastrlhf.policy_loss_from_logits`; returns (loss, out) with the same `out`. Advantages and old/ref
     log-probs are constants (rollout data): no gradient flows to them.
     Gradients are computed during the forward pass (3 GEMMs per chunk) and only scaled in backward,
     so backward can run once per call. chunk_size: tokens per chunk (None: `choose_chunk_size`).
     accum_fp32: accumulate grad_W in float32 (None: when V ≥ 250k; always when weight is float32).
+    matmul_dtype: the GEMMs' dtype (module docstring; None: the inputs' promoted dtype).
     batch_probs: None or the `BatchProbs` of a mini-batch holding these rows (`fused_linear_batch_probs`,
     summed over its micro-batches), as in `fastrlhf.policy_loss_from_logits`: the loss then carries this
     call's part of the mini-batch's H_batch (exact gradient; weight 1 when summing micro-batches).
@@ -442,40 +472,42 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
     cfg = ref.loss_config(config, dict(
         algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         adv_coeff=adv_coeff, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        batch_entropy_coef=batch_entropy_coef))
+        batch_entropy_coef=batch_entropy_coef, loss_agg_mode=loss_agg_mode,
+        kl_importance_weighted=kl_importance_weighted))
     _check_linear(hidden, weight, bias, chunk_size)
+    dtype = matmul_dtype_for(matmul_dtype, hidden, weight, bias)
     vocab, width = weight.shape
     shape = hidden.shape[:-1]
     _check_mask("mask", mask, shape, hidden.device)
     _check_same("labels", labels, shape, hidden.device)
     _check_labels("labels", labels, (*shape, vocab), mask=mask)
-    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        _check_same(name, t, shape, hidden.device)
-        _check_first(name, t)
-    if cfg.batch_entropy_coef and hidden.dim() != 3:
-        raise ValueError(f"hidden: batch_entropy_coef needs 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
+    advantages = ops._check_rollout(shape, hidden.device, advantages, old_logprobs, ref_logprobs, cfg)
+    normalizer = ops._check_normalizer(normalizer, hidden.device)
+    if (cfg.batch_entropy_coef or cfg.loss_agg_mode != "token-mean") and hidden.dim() != 3:
+        why = "batch_entropy_coef" if cfg.batch_entropy_coef else f"loss_agg_mode={cfg.loss_agg_mode!r}"
+        raise ValueError(f"hidden: {why} needs 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
     ops.check_batch_probs(batch_probs, cfg, hidden.shape[1] if hidden.dim() == 3 else 0, vocab, hidden.device)
 
-    hidden2d = hidden.reshape(-1, width)
+    hidden2d, weight, bias = _cast(dtype, hidden.reshape(-1, width), weight, bias)
     n = hidden2d.shape[0]
     m = mask.reshape(-1).float()
-    wts = m / m.sum().clamp_min(1.0)                                     # w_t = m_t / Σ m
+    wts = ref.loss_weights(mask, cfg.loss_agg_mode, normalizer).reshape(-1)   # loss = Σ_t w_t·loss_t
     labels1d = labels.reshape(-1).long()
     labels1d = torch.where(m > 0, labels1d, torch.full_like(labels1d, -100))
-    per_token = [t.reshape(-1).float().detach() for t in (advantages, old_logprobs, ref_logprobs)]   # constants
+    per_token = [None if t is None else t.reshape(-1).float().detach()            # constants
+                 for t in (advantages, old_logprobs, ref_logprobs)]
     rows = chunk_size or choose_chunk_size(n, vocab, hidden.device)
-    needs = _needs(hidden, weight, bias)
-
-    bent = None
-    if cfg.batch_entropy_coef:
-        bent = _batch_entropy_setup(hidden2d, weight, bias, mask, batch_probs, cfg.temperature, rows)
-
-    if any(needs):
-        total, lp, ent, kl, h_part = _FusedLinearPolicyLoss.apply(hidden2d, weight, bias, labels1d, wts, *per_token,
-                                                                  cfg, rows, bent, accum_fp32)
-    else:
-        total, lp, ent, kl, h_part = _policy_pass(hidden2d, weight, bias, labels1d, wts, *per_token, cfg, rows,
-                                                  bent, None)
+    needs = _needs(hidden2d, weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):   # the GEMMs run in `dtype` (matmul_dtype)
+        bent = None
+        if cfg.batch_entropy_coef:
+            bent = _batch_entropy_setup(hidden2d, weight, bias, mask, batch_probs, cfg.temperature, rows)
+        if any(needs):
+            total, lp, ent, kl, h_part = _FusedLinearPolicyLoss.apply(hidden2d, weight, bias, labels1d, wts,
+                                                                      *per_token, cfg, rows, bent, accum_fp32)
+        else:
+            total, lp, ent, kl, h_part = _policy_pass(hidden2d, weight, bias, labels1d, wts, *per_token, cfg, rows,
+                                                      bent, None)
     loss = total
     out = ref._loss_outputs(lp.view(shape), ent.view(shape), kl.view(shape), mask, old_logprobs,
                             ref_logprobs, advantages, cfg)

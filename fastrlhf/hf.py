@@ -13,6 +13,12 @@ Logit transforms in the model's forward (transformers modeling files):
     logits * config.lm_head_multiplier     Falcon-H1              -> folded into the hidden states
     tanh soft-capping (final_logit_softcapping, Gemma 2/3, ...)   -> refused: not linear in hidden
 so that always `hidden_states(model, ...) @ weightᵀ + bias == model(...).logits`.
+
+Distributed wrappers: a DistributedDataParallel model is unwrapped (`.module`) to find the output layer,
+and an FSDP2 (`fully_shard`) model's sharded output weight is gathered (DTensor.full_tensor, which
+autograd reduces back to the shards); in both the wrapper's own forward runs (it syncs gradients or
+gathers parameters there), with output_hidden_states=True and logits_to_keep=1, so that one position of
+logits is computed instead of [B, T, V].
 """
 from __future__ import annotations
 
@@ -29,8 +35,21 @@ _SCALE_FIELDS = {
 }
 
 
+def _wrapped(model: nn.Module) -> bool:
+    """True for a model whose forward must not be bypassed: DDP, or an FSDP2 (`fully_shard`) root."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:                         # torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers `*ForCausalLM` inside a peft wrapper (itself otherwise)."""
+    """The transformers `*ForCausalLM` inside a DDP and / or peft wrapper (itself otherwise)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     if hasattr(model, "get_base_model"):       # peft.PeftModel
         model = model.get_base_model()
     if not hasattr(model, "base_model_prefix") or not hasattr(model, "config"):
@@ -74,11 +93,14 @@ def output_layer(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]
     if hasattr(head, "base_layer") or not isinstance(head, nn.Linear):
         raise ValueError(f"model: the output layer is a {type(head).__name__}, expected a plain nn.Linear "
                          f"(merge or drop adapters on lm_head; only the trunk may carry LoRA)")
-    weight = head.weight
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):          # FSDP2: a sharded DTensor; gathered, differentiably
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
     if not weight.dtype.is_floating_point or weight.dim() != 2:
         raise TypeError(f"model: output layer weight: expected a floating [V, H] tensor, got {weight.dtype} "
                         f"{tuple(weight.shape)} (a quantized lm_head cannot be used)")
-    return weight, head.bias
+    return weight, bias
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -87,7 +109,8 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opt
     model's logit scale (`logit_scale`) and cast to the output layer's dtype, so that
     `hidden @ weightᵀ + bias` equals `model(input_ids, attention_mask, **kwargs).logits`.
 
-    kwargs go to the trunk (e.g. position_ids); use_cache defaults to False.
+    kwargs go to the trunk (e.g. position_ids); use_cache defaults to False. A DDP or FSDP2 model runs
+    through its wrapper's forward (module docstring).
     """
     base = _unwrap(model)
     trunk = base.base_model
@@ -100,8 +123,13 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opt
         raise ValueError(f"model: logit scale {scale} with an output bias cannot be folded into the hidden "
                          f"states")
     kwargs.setdefault("use_cache", False)
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if _wrapped(model):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                    logits_to_keep=1, **kwargs)
+        hidden = out.hidden_states[-1]          # after the final norm (transformers' convention)
+    else:
+        out = trunk(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if scale != 1.0:
         hidden = hidden * scale
     return hidden.to(weight.dtype)

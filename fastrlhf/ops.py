@@ -251,11 +251,15 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
     return logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index)[0]
 
 
-def token_entropy(logits, *, temperature=1.0):
-    """logits [..., V] -> entropy of softmax(logits/τ), float32 [...]."""
+def token_entropy(logits, *, temperature=1.0, mask=None):
+    """logits [..., V] -> entropy of softmax(logits/τ), float32 [...]; with a 0/1 mask [...], 0 where it
+    is 0 (selected: NaN logits there reach neither the value nor the gradient)."""
     _check_logits(logits)
+    if mask is not None:
+        _check_mask("mask", mask, logits.shape[:-1], logits.device)
     labels = torch.full(logits.shape[:-1], -100, dtype=torch.long, device=logits.device)
-    return logprobs_and_entropy(logits, labels, temperature=temperature)[1]
+    ent = logprobs_and_entropy(logits, labels, temperature=temperature)[1]
+    return ent if mask is None else torch.where(mask.bool(), ent, 0.0)
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
@@ -357,15 +361,58 @@ def check_batch_probs(stats, cfg: LossConfig, T: int, V: int, device):
         raise ValueError(f"batch_probs: expected tensors on {device}, got {stats.probs.device}")
 
 
-def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, *, config=None,
-                            algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
+def _check_normalizer(normalizer, device):
+    """None, a finite number > 0, or a 0-d floating or integer tensor on `device` (TRL's
+    num_items_in_batch; its value is not read, so no host sync)."""
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise ValueError(f"normalizer: expected a 0-d float or integer tensor, got {normalizer.dtype} of "
+                             f"shape {tuple(normalizer.shape)}")
+        if normalizer.device != device:
+            raise ValueError(f"normalizer: expected a tensor on {device}, got {normalizer.device}")
+        return normalizer.float()
+    return _number("normalizer", normalizer, "None or a number > 0", lambda v: v > 0, none_ok=True)
+
+
+def _check_rollout(shape, device, advantages, old_logprobs, ref_logprobs, cfg):
+    """The rollout tensors of a policy loss over tokens of `shape` -> advantages [...] (a [B] tensor, one
+    per sequence of a [B, T] batch, is broadcast over T). old_logprobs None: on-policy; ref_logprobs None
+    only with kl_coef = 0 and the "ppo" loss (APA reads ℓ_ref)."""
+    if not isinstance(advantages, torch.Tensor):
+        raise TypeError(f"advantages: expected a torch.Tensor, got {type(advantages).__name__}")
+    if len(shape) == 2 and tuple(advantages.shape) == tuple(shape[:1]):
+        advantages = advantages[:, None].expand(shape)
+    if tuple(advantages.shape) != tuple(shape):
+        expected = f"{tuple(shape)} or {tuple(shape[:1])}" if len(shape) == 2 else f"{tuple(shape)}"
+        raise ValueError(f"advantages: expected shape {expected}, got {tuple(advantages.shape)}")
+    _check_same("advantages", advantages, shape, device)
+    _check_first("advantages", advantages)
+    if old_logprobs is not None:
+        _check_same("old_logprobs", old_logprobs, shape, device)
+        _check_first("old_logprobs", old_logprobs)
+    if ref_logprobs is None:
+        if cfg.kl_coef or cfg.algo == "apa":
+            why = f"kl_coef={cfg.kl_coef}" if cfg.kl_coef else "algo='apa'"
+            raise ValueError(f"ref_logprobs: expected a tensor of shape {tuple(shape)} with {why}, got None")
+    else:
+        _check_same("ref_logprobs", ref_logprobs, shape, device)
+        _check_first("ref_logprobs", ref_logprobs)
+    return advantages
+
+
+def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs=None, ref_logprobs=None, *,
+                            config=None, algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
                             adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
-                            batch_entropy_coef=0.0, inplace=False, batch_probs=None):
+                            batch_entropy_coef=0.0, loss_agg_mode="token-mean", kl_importance_weighted=False,
+                            normalizer=None, inplace=False, batch_probs=None):
     """The one call a trainer needs per micro-batch.
 
-    logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
-    loss = masked mean over tokens of (policy loss ("ppo" or "apa") + kl_coef·KL − entropy_coef·H)
-           − batch_entropy_coef·H_batch.
+    logits [..., V] (batch entropy needs [B, T, V]); labels, mask, old/ref log-probs [...]; advantages
+    [...] or, for [B, T] tokens, [B] (one per sequence). old_logprobs None: on-policy (ρ = e^{ℓ − sg(ℓ)},
+    no extra pass); ref_logprobs None: no reference (kl_coef must be 0).
+    loss = Σ_t w_t·(policy loss ("ppo" or "apa") + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch,
+    w the weights of loss_agg_mode (README, "Loss aggregation"; token-mean, the default, is the masked
+    mean) with `normalizer` (None, a number or a 0-d tensor > 0) in place of its per-micro-batch count.
     The knobs are those of `LossConfig`: pass them as keywords, or a ready `config=LossConfig(...)` (then
     the keywords must stay at their defaults). Returns (loss, out): out has detached per-token `logprobs`,
     `entropy`, `kl` and scalar stats (`clip_frac`, `approx_kl`, `entropy_mean`, `kl_mean`, `num_tokens`,
@@ -384,15 +431,18 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     cfg = ref.loss_config(config, dict(
         algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         adv_coeff=adv_coeff, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        batch_entropy_coef=batch_entropy_coef))
+        batch_entropy_coef=batch_entropy_coef, loss_agg_mode=loss_agg_mode,
+        kl_importance_weighted=kl_importance_weighted))
     _check_logits(logits)
     shape = logits.shape[:-1]
     _check_mask("mask", mask, shape, logits.device)
     _check_same("labels", labels, shape, logits.device)
     _check_labels("labels", labels, logits.shape, mask=mask)
-    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        _check_same(name, t, shape, logits.device)
-        _check_first(name, t)
+    advantages = _check_rollout(shape, logits.device, advantages, old_logprobs, ref_logprobs, cfg)
+    normalizer = _check_normalizer(normalizer, logits.device)
+    if cfg.loss_agg_mode != "token-mean" and len(shape) != 2:
+        raise ValueError(f"logits: loss_agg_mode={cfg.loss_agg_mode!r} needs 3 dims [B, T, V], got shape "
+                         f"{tuple(logits.shape)}")
     if cfg.batch_entropy_coef and logits.dim() != 3:
         raise ValueError(f"logits: batch_entropy_coef needs 3 dims [B, T, V], got shape {tuple(logits.shape)}")
     if inplace and cfg.batch_entropy_coef:
@@ -403,7 +453,7 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     check_batch_probs(batch_probs, cfg, logits.shape[1] if logits.dim() == 3 else 0, logits.shape[-1], logits.device)
     fn = impl("policy_loss_from_logits", logits.device)
     return fn(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg, inplace=inplace,
-              batch_probs=batch_probs)
+              normalizer=normalizer, batch_probs=batch_probs)
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):

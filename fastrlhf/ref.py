@@ -121,9 +121,11 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
     return logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index)[0]
 
 
-def token_entropy(logits, *, temperature=1.0):
+def token_entropy(logits, *, temperature=1.0, mask=None):
+    """Entropy [...] of softmax(logits/τ); 0 (selected, with a 0 gradient) where the 0/1 mask is 0."""
     labels = torch.full(logits.shape[:-1], -100, dtype=torch.long, device=logits.device)
-    return logprobs_and_entropy(logits, labels, temperature=temperature)[1]
+    ent = logprobs_and_entropy(logits, labels, temperature=temperature)[1]
+    return ent if mask is None else torch.where(mask.bool(), ent, 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -131,8 +133,39 @@ def token_entropy(logits, *, temperature=1.0):
 # ----------------------------------------------------------------------------
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# How the per-token terms of one micro-batch become one scalar (verl's `loss_agg_mode` names; README,
+# "Loss aggregation"): `loss_weights` turns each into per-token weights w with loss = Σ_t w_t·loss_t.
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # The per-token policy-loss kinds of `token_loss` (the trainer's --algo ppo-max uses "ppo").
 POLICY_LOSSES = ("ppo", "apa")
+
+
+def loss_weights(mask, mode="token-mean", normalizer=None):
+    """Per-token weights w [...] float32 of a loss aggregation, loss = Σ w·loss_t (every term: policy,
+    KL, entropy). m = the 0/1 mask, L_b = max(Σ_t m_bt, 1), B rows, T columns:
+
+        token-mean               w = m / N,          N = Σ m (at least 1)
+        seq-mean-token-mean      w = m / (L_b · S),  S = B
+        seq-mean-token-sum       w = m / S,          S = B
+        seq-mean-token-sum-norm  w = m / C,          C = T (a constant length: Dr. GRPO, arXiv:2503.20783)
+
+    `normalizer` (a number or 0-d tensor > 0) replaces N, S or C: the token or sequence count of the whole
+    batch under gradient accumulation (TRL's num_items_in_batch), or Dr. GRPO's B·max_length. The
+    seq-mean modes need a mask of 2 dims [B, T]."""
+    m = mask.float()
+    if mode != "token-mean" and m.dim() != 2:
+        raise ValueError(f"mask: loss_agg_mode={mode!r} needs 2 dims [B, T], got shape {tuple(m.shape)}")
+    if mode == "token-mean":
+        denom = m.sum().clamp_min(1.0) if normalizer is None else normalizer
+        return m / denom
+    if mode == "seq-mean-token-mean":
+        rows = m.shape[0] if normalizer is None else normalizer
+        return m / (m.sum(-1, keepdim=True).clamp_min(1.0) * rows)
+    if mode == "seq-mean-token-sum":
+        return m / (m.shape[0] if normalizer is None else normalizer)
+    if mode == "seq-mean-token-sum-norm":
+        return m / (m.shape[-1] if normalizer is None else normalizer)
+    raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES}, got {mode!r}")
 
 
 def masked_mean(x, mask):
@@ -432,6 +465,8 @@ class LossConfig:
     kl_coef: float = 0.0              # loss += kl_coef · mean k(ℓ, ℓ_ref)
     kl_estimator: str = "k3"
     batch_entropy_coef: float = 0.0   # loss −= batch_entropy_coef · H_batch
+    loss_agg_mode: str = "token-mean"  # per-token terms -> scalar, one of LOSS_AGG_MODES (`loss_weights`)
+    kl_importance_weighted: bool = False  # KL term ρ·k(ℓ, ℓ_ref), ρ = π/π_old (TRL's use_bias_correction_kl)
 
     def __post_init__(self):
         checked = {
@@ -441,6 +476,8 @@ class LossConfig:
             "clip_high": checks.clip_high(self.clip_high),
             "dual_clip": checks.dual_clip(self.dual_clip),
             "kl_estimator": checks.choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+            "loss_agg_mode": checks.choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES),
+            "kl_importance_weighted": checks.flag("kl_importance_weighted", self.kl_importance_weighted),
         }
         for name in ("adv_coeff", "entropy_coef", "kl_coef", "batch_entropy_coef"):
             checked[name] = checks.coefficient(name, getattr(self, name))
@@ -464,11 +501,17 @@ def loss_config(config, knobs: dict) -> LossConfig:
 
 
 def token_loss(logprobs, entropy, old_logprobs, ref_logprobs, advantages, mask, cfg: LossConfig):
-    """Per-token loss terms (before the masked mean), differentiable w.r.t. every tensor input.
+    """Per-token loss terms (before the aggregation), differentiable w.r.t. every tensor input.
 
     All [n] float32; masked positions may hold anything (selected out: they come out 0 with a 0
-    gradient). Returns (per_token [n], kl [n], stats dict)."""
-    lp, ent, old, ref_lp, adv = _select(mask, logprobs, entropy, old_logprobs, ref_logprobs, advantages)
+    gradient). old_logprobs None: on-policy, ℓ_old = sg(ℓ) (ρ = e^{ℓ − sg(ℓ)} = 1, ∂ρ/∂ℓ = 1, as TRL and
+    verl compute it without a second pass); ref_logprobs None: ℓ_ref = sg(ℓ), KL ≡ 0 (only with kl_coef
+    = 0, checked by `fastrlhf.ops`). kl_importance_weighted: the KL term is ρ·k, differentiated through ρ
+    too (the importance-sampled gradient of E_π[k] from samples of π_old; TRL's use_bias_correction_kl).
+    Returns (per_token [n], kl [n] = the KL term as it enters the loss, stats dict)."""
+    lp, ent, adv = _select(mask, logprobs, entropy, advantages)
+    old = lp.detach() if old_logprobs is None else _select(mask, old_logprobs)[0]
+    ref_lp = lp.detach() if ref_logprobs is None else _select(mask, ref_logprobs)[0]
     if cfg.algo == "ppo":
         pg, stats = _ppo_terms(lp, old, adv, mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
     else:
@@ -478,6 +521,8 @@ def token_loss(logprobs, entropy, old_logprobs, ref_logprobs, advantages, mask, 
             stats = {"clip_frac": torch.zeros((), device=lr.device),
                      "approx_kl": masked_mean(torch.expm1(lr) - lr, mask)}
     kl = kl_penalty(lp, ref_lp, cfg.kl_estimator)
+    if cfg.kl_importance_weighted:
+        kl = kl * torch.exp(lp - old)
     per_token = pg
     if cfg.kl_coef:
         per_token = per_token + cfg.kl_coef * kl
@@ -487,7 +532,8 @@ def token_loss(logprobs, entropy, old_logprobs, ref_logprobs, advantages, mask, 
 
 
 def token_loss_grads(lp, ent, weight, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
-    """The per-token part of every torch row core, [n] float32 in and out: weight_t = m_t / Σ m ->
+    """The per-token part of every torch row core, [n] float32 in and out (old/ref log-probs may be None,
+    as in `token_loss`): weight_t = the aggregation weight of `loss_weights` ->
     (total = Σ_t weight_t·loss_t (0-d), kl [n], gℓ = ∂total/∂ℓ [n], gH = ∂total/∂H [n]), by autograd
     through `token_loss` (torch's tie rules: maximum/minimum split the gradient in half on a tie)."""
     with torch.enable_grad():
@@ -503,14 +549,15 @@ def token_loss_grads(lp, ent, weight, advantages, old_logprobs, ref_logprobs, cf
 def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs, cfg: LossConfig):
     """The row core shared by the logits path and the fused linear path, for one chunk of rows.
 
-    logits2d [n, V]; labels, advantages, old/ref log-probs [n]; weight [n] = m_t / (Σ m over the
-    whole micro-batch). Returns (ℓ [n], H [n], kl [n], Σ_t weight·loss_t (scalar), dz [n, V] float32)
-    where dz = ∂(Σ_t weight_t·loss_t)/∂logits: the gradient is known in the forward pass because
-    each token's loss depends on its own row only (batch entropy is added separately).
+    logits2d [n, V]; labels, advantages, old/ref log-probs [n] (None: as in `token_loss`); weight [n] =
+    the aggregation weights of the whole micro-batch (`loss_weights`). Returns (ℓ [n], H [n], kl [n],
+    Σ_t weight·loss_t (scalar), dz [n, V] float32) where dz = ∂(Σ_t weight_t·loss_t)/∂logits: the
+    gradient is known in the forward pass because each token's loss depends on its own row only (batch
+    entropy is added separately).
     """
     lp, ent, p, zc, valid = _row_stats_chunk(logits2d, labels, cfg.temperature, -100)
-    total, kl, g_lp, g_ent = token_loss_grads(lp, ent, weight, advantages.float(), old_logprobs.float(),
-                                              ref_logprobs.float(), cfg)
+    total, kl, g_lp, g_ent = token_loss_grads(lp, ent, weight, advantages.float(), _float(old_logprobs),
+                                              _float(ref_logprobs), cfg)
     dz = row_grad_(zc, p, g_lp, g_ent, valid, labels, cfg.temperature)
     return lp, ent, kl, total, dz
 
@@ -528,8 +575,8 @@ class _PolicyLossFromLogits(torch.autograd.Function):
         grad = (logits2d if inplace else torch.empty_like(logits2d)) if logits2d.requires_grad else None
         for s, e in _row_chunks(n, v):
             lp[s:e], ent[s:e], kl[s:e], t, dz = policy_rows(
-                logits2d[s:e], labels[s:e], weight[s:e], advantages[s:e], old_logprobs[s:e],
-                ref_logprobs[s:e], cfg)
+                logits2d[s:e], labels[s:e], weight[s:e], advantages[s:e], _rows(old_logprobs, s, e),
+                _rows(ref_logprobs, s, e), cfg)
             total += t
             if grad is not None:
                 grad[s:e] = dz.to(grad.dtype)
@@ -543,11 +590,21 @@ class _PolicyLossFromLogits(torch.autograd.Function):
         return grad * g_total.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: LossConfig, *,
-                            inplace=False, batch_probs=None):
-    """loss = masked mean of (policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch.
+def _float(t):
+    return None if t is None else t.float()
 
-    logits [..., V] (batch entropy needs [B, T, V]); the other tensors [...]. Returns (loss, out)
+
+def _rows(t, s, e):
+    return None if t is None else t[s:e]
+
+
+def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: LossConfig, *,
+                            inplace=False, normalizer=None, batch_probs=None):
+    """loss = Σ_t w_t·(policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch with w the
+    weights of cfg.loss_agg_mode and `normalizer` (`loss_weights`; token-mean: the masked mean).
+
+    logits [..., V] (batch entropy needs [B, T, V]); the other tensors [...]; old/ref log-probs may be
+    None (on-policy / no reference, as in `token_loss`). Returns (loss, out)
     with out holding detached per-token `logprobs`, `entropy`, `kl` and scalar stats. inplace=True
     writes the logits gradient over `logits` (checked by `fastrlhf.ops`: contiguous logits, no batch entropy).
     Masked positions may hold anything: selected out of every value and gradient.
@@ -560,10 +617,11 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     """
     v = logits.shape[-1]
     m = mask.reshape(-1).float()
-    weight = m / m.sum().clamp_min(1.0)
+    weight = loss_weights(mask, cfg.loss_agg_mode, normalizer).reshape(-1)
     labels2d = torch.where(m > 0, labels.reshape(-1).long(), torch.full_like(labels.reshape(-1).long(), -100))
-    rollout = [t.reshape(-1).float() for t in (advantages, old_logprobs, ref_logprobs)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (advantages, old_logprobs, ref_logprobs)):
+    rollout = [None if t is None else t.reshape(-1).float() for t in (advantages, old_logprobs, ref_logprobs)]
+    given = [t for t in (advantages, old_logprobs, ref_logprobs) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in given):
         lp, ent = _RowStats.apply(logits.reshape(-1, v), labels2d, cfg.temperature, -100)
         per_token, kl, _ = token_loss(lp, ent, rollout[1], rollout[2], rollout[0], m, cfg)
         loss = (weight * per_token).sum()
@@ -580,11 +638,13 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
 
 
 def _loss_outputs(lp, ent, kl, mask, old_logprobs, ref_logprobs, advantages, cfg):
-    """Detached per-token tensors and summary stats shared by every policy-loss path."""
+    """Detached per-token tensors and summary stats shared by every policy-loss path (entropy is 0 where
+    the mask is 0; the statistics are masked means over tokens whatever the loss aggregation)."""
     m = mask.float()
     with torch.no_grad():
-        _, _, stats = token_loss(lp, ent, old_logprobs.float(), ref_logprobs.float(), advantages.float(), m, cfg)
+        _, _, stats = token_loss(lp, ent, _float(old_logprobs), _float(ref_logprobs), advantages.float(), m, cfg)
     finite = torch.isfinite(lp) & torch.isfinite(ent)
+    ent = torch.where(m > 0, ent, 0.0)
     out = {"logprobs": lp, "entropy": ent, "kl": kl}
     out.update(stats)
     out.update({
@@ -672,7 +732,7 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
 
 
 __all__ = [
-    "LossConfig", "POLICY_LOSSES", "loss_config", "KL_ESTIMATORS", "masked_mean", "logprobs_and_entropy", "token_logprobs",
+    "LossConfig", "POLICY_LOSSES", "loss_config", "KL_ESTIMATORS", "LOSS_AGG_MODES", "loss_weights", "masked_mean", "logprobs_and_entropy", "token_logprobs",
     "token_entropy", "kl_penalty", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_entropy",
     "token_loss", "policy_rows", "policy_loss_from_logits", "gae", "whiten", "sample_tokens", "BatchProbs",
     "BATCH_ENTROPY_POSITIONS", "batch_probs",

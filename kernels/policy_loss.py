@@ -20,6 +20,9 @@ maximum/minimum split the gradient in half on a tie, clamp passes it on the clos
           tests/test_policy_loss.py builds both cases.
     APA   r = ℓ − ℓ_ref − adv_coeff·A, pg = r², ∂pg = 2r
     KL    d = ℓ_ref − ℓ: k1 = −d (∂ = 1), k2 = d²/2 (∂ = −d), k3 = e^d − 1 − d (∂ = −(e^d − 1))
+          importance-weighted (KL_IW): ρ·k, ∂ = ρ·(∂k + k) (∂ρ/∂ℓ = ρ)
+    ON_POLICY: ℓ_old = ℓ (a constant: ρ = 1, ∂ρ/∂ℓ = 1); no reference (HAS_REF false): ℓ_ref = ℓ, KL ≡ 0.
+The weights w_t are those of the loss aggregation (`fastrlhf.ref.loss_weights`), computed by the caller.
 """
 from __future__ import annotations
 
@@ -55,7 +58,8 @@ def _policy_rows_kernel(
         n_rows, V, stride_x, stride_dz, inv_temp,
         clip_low, clip_high, dual_clip, adv_coeff, kl_coef, entropy_coef, n_tiles,
         IS_PPO: tl.constexpr, HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, HAS_KL: tl.constexpr,
-        HAS_ENT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+        HAS_ENT: tl.constexpr, WRITE_GRAD: tl.constexpr, ON_POLICY: tl.constexpr, HAS_REF: tl.constexpr,
+        KL_IW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows, row_ok, row_off = _row_ids(tile, n_rows, stride_x, BLOCK_N)
         # pass 1: row statistics -> ℓ, H
@@ -73,11 +77,17 @@ def _policy_rows_kernel(
         w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         live = row_ok & (w > 0)
         adv = tl.load(adv_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + rows, mask=live, other=0.0).to(tl.float32)
-        ref_lp = tl.load(ref_ptr + rows, mask=live, other=0.0).to(tl.float32)
         tl.store(lp_ptr + rows, lp, mask=row_ok)
         tl.store(ent_ptr + rows, ent, mask=row_ok)
         lp = tl.where(live, lp, 0.0)
+        if ON_POLICY:
+            old = lp
+        else:
+            old = tl.load(old_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        if HAS_REF:
+            ref_lp = tl.load(ref_ptr + rows, mask=live, other=0.0).to(tl.float32)
+        else:
+            ref_lp = lp
         if IS_PPO:
             ratio = tl.exp(lp - old)
             lo = 1.0 - clip_low
@@ -107,6 +117,10 @@ def _policy_rows_kernel(
         else:
             kl = _expm1_minus_x(d)
             d_kl = -(kl + d)
+        if KL_IW:
+            rho = tl.exp(lp - old)
+            d_kl = rho * (d_kl + kl)
+            kl = rho * kl
         loss = pg
         d_lp = d_pg
         if HAS_KL:
@@ -145,14 +159,19 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
                 write_grad=True, out=None):
     """Row core of the policy loss, the fused counterpart of `fastrlhf.ref.policy_rows`.
 
-    logits2d [n, V] (fp32/bf16/fp16); labels [n] (−100 where masked); weight [n] = m_t / Σ m over the
-    whole micro-batch; advantages, old/ref log-probs [n]. Returns (ℓ [n], H [n], kl [n] fp32,
+    logits2d [n, V] (fp32/bf16/fp16); labels [n] (−100 where masked); weight [n] = the aggregation weights
+    of the whole micro-batch (`ref.loss_weights`); advantages, old/ref log-probs [n] (old None: on-policy;
+    ref None: no reference, KL ≡ 0). Returns (ℓ [n], H [n], kl [n] fp32,
     total = Σ_t weight_t·loss_t (0-d fp32), dz [n, V]) with dz = ∂total/∂logits2d in logits2d's dtype
     (fp32 accumulation, one rounding at the store; ref returns fp32) or None when write_grad=False.
     `out`: a [n, V] buffer for dz, e.g. logits2d itself to overwrite the logits in place.
     cfg was checked when it was built (`LossConfig.__post_init__`) and is not checked again here.
     """
     labels = labels.long().contiguous()
+    on_policy, has_ref = old_logprobs is None, ref_logprobs is not None
+    # an absent old/ref tensor is never read (ON_POLICY, HAS_REF): the weights stand in for its pointer
+    old_logprobs = weight if on_policy else old_logprobs
+    ref_logprobs = ref_logprobs if has_ref else weight
     weight, advantages, old_logprobs, ref_logprobs = (
         t.float().contiguous() for t in (weight, advantages, old_logprobs, ref_logprobs))
     logits2d = token_logprobs.check_rows(logits2d, labels=labels, weight=weight, advantages=advantages,
@@ -175,7 +194,7 @@ def policy_rows(logits2d, labels, weight, advantages, old_logprobs, ref_logprobs
             0.0 if cfg.dual_clip is None else cfg.dual_clip, cfg.adv_coeff, cfg.kl_coef, cfg.entropy_coef, n_tiles,
             IS_PPO=cfg.algo == "ppo", HAS_DUAL=cfg.dual_clip is not None, KL_EST=_KL_CODES[cfg.kl_estimator],
             HAS_KL=bool(cfg.kl_coef), HAS_ENT=bool(cfg.entropy_coef), WRITE_GRAD=write_grad,
-            BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
+            ON_POLICY=on_policy, HAS_REF=has_ref, KL_IW=cfg.kl_importance_weighted, BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
     return lp, ent, kl, wloss.sum(), dz
 
 
@@ -219,9 +238,10 @@ class _PolicyLossFromLogits(torch.autograd.Function):
 
 
 def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: ref.LossConfig,
-                            *, inplace=False, batch_probs=None):
-    """loss = masked mean of (policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch,
-    the same function as `fastrlhf.ref.policy_loss_from_logits` -> (loss, out).
+                            *, inplace=False, normalizer=None, batch_probs=None):
+    """loss = Σ_t w_t·(policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch (w of
+    cfg.loss_agg_mode and `normalizer`, `ref.loss_weights`), the same function as
+    `fastrlhf.ref.policy_loss_from_logits` -> (loss, out); old/ref log-probs may be None.
 
     logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
     inplace=True writes the logits gradient over the logits buffer (saves one [N, V] buffer; the logits
@@ -238,13 +258,13 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
         raise ValueError("inplace: expected logits whose [N, V] view shares storage with unit stride over V, "
                          f"got strides {logits.stride()}")
     m = mask.reshape(-1).float()
-    weight = m / m.sum().clamp_min(1.0)
+    weight = ref.loss_weights(mask, cfg.loss_agg_mode, normalizer).reshape(-1)
     flat_labels = labels.reshape(-1).long()
     labels2d = torch.where(m > 0, flat_labels, torch.full_like(flat_labels, -100))
     # advantages and old/ref log-probs are constants here (rollout data): detached, no gradient reaches them
     loss, lp, ent, kl = _PolicyLossFromLogits.apply(
-        logits2d, labels2d, weight, advantages.reshape(-1).detach(), old_logprobs.reshape(-1).detach(),
-        ref_logprobs.reshape(-1).detach(), cfg, inplace)
+        logits2d, labels2d, weight, advantages.reshape(-1).detach(), *(
+            None if t is None else t.reshape(-1).detach() for t in (old_logprobs, ref_logprobs)), cfg, inplace)
     out = ref._loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask, old_logprobs,
                             ref_logprobs, advantages, cfg)
     if cfg.batch_entropy_coef:

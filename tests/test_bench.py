@@ -144,3 +144,24 @@ def test_compare_algos_summaries_follow_the_runs(tmp_path, monkeypatch):
         s = data["summary"][run["algo"]]
         assert s["kl_max"]["mean"] == run["kl_max"] and s["kl_max"]["sd"] == 0.0
     assert any(k != 0 for k in data["runs"][0]["curves"]["kl"][1:])   # the KL moved: a real comparison
+
+
+def test_trl_step_impls_compute_one_loss():
+    """bench_trl.py's two impls do the same work: one loss and one set of gradients on one micro-batch."""
+    pytest.importorskip("trl")
+    import tempfile
+
+    import bench_trl
+
+    shape = bench_trl.SHAPES["smoke"][0]
+    got = {}
+    for impl in ("trl", "fastrlhf"):
+        with tempfile.TemporaryDirectory() as out:
+            trainer = bench_trl.make_trainer(impl, **shape, device=torch.device("cpu"), out_dir=out)
+            loss = bench_trl.grpo_step(trainer, bench_trl.make_inputs(**shape, device=torch.device("cpu")),
+                                          keep_grads=True)()
+            got[impl] = loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    assert abs(got["trl"][0] - got["fastrlhf"][0]) <= 1e-6
+    assert got["trl"][1].keys() == got["fastrlhf"][1].keys()
+    for name, g in got["trl"][1].items():
+        torch.testing.assert_close(got["fastrlhf"][1][name], g, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")

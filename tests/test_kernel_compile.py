@@ -37,13 +37,19 @@ CODE = textwrap.dedent('''
                 sig[name] = "fp32" if name in FLOATS else "i64" if name in INT64 else "i32"
         return sig
 
-    PPO = dict(IS_PPO=True, HAS_DUAL=True, KL_EST=2, HAS_KL=True, HAS_ENT=True, WRITE_GRAD=True)
-    APA = dict(IS_PPO=False, HAS_DUAL=False, KL_EST=1, HAS_KL=True, HAS_ENT=False, WRITE_GRAD=False)
+    PPO = dict(IS_PPO=True, HAS_DUAL=True, KL_EST=2, HAS_KL=True, HAS_ENT=True, WRITE_GRAD=True,
+               ON_POLICY=False, HAS_REF=True, KL_IW=True)
+    # on-policy without a reference (TRL's default GRPO step)
+    GRPO = dict(IS_PPO=True, HAS_DUAL=False, KL_EST=2, HAS_KL=False, HAS_ENT=False, WRITE_GRAD=True,
+                ON_POLICY=True, HAS_REF=False, KL_IW=False)
+    APA = dict(IS_PPO=False, HAS_DUAL=False, KL_EST=1, HAS_KL=True, HAS_ENT=False, WRITE_GRAD=False,
+               ON_POLICY=True, HAS_REF=True, KL_IW=False)
     cases = [
         (K._logprobs_entropy_fwd_kernel, dict(BLOCK_N=1, BLOCK_V=4096)),
         (K._logprobs_entropy_fwd_kernel, dict(BLOCK_N=8, BLOCK_V=512)),
         (K._logprobs_entropy_bwd_kernel, dict(BLOCK_N=1, BLOCK_V=4096)),
         (P._policy_rows_kernel, dict(PPO, BLOCK_N=1, BLOCK_V=4096)),
+        (P._policy_rows_kernel, dict(GRPO, BLOCK_N=1, BLOCK_V=4096)),
         (P._policy_rows_kernel, dict(APA, BLOCK_N=4, BLOCK_V=1024)),
         (P._scale_kernel, dict(BLOCK=4096)),
         (BE._batch_mean_kernel, dict(HAS_TARGET=False, BLOCK_V=4096)),
@@ -66,4 +72,4 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 27" in out.stdout
+    assert "compiled 30" in out.stdout

@@ -38,6 +38,7 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastrlhf/kernels/__init__.py" in names
     assert "fastrlhf/ops.py" in names and "fastrlhf/ref.py" in names
+    assert "fastrlhf/integrations/trl.py" in names
     assert "fastrlhf/recipes/padula-arithmetic.yaml" in names
     assert not any(n.startswith("kernels/") for n in names), "no top-level `kernels` module"
     site = tmp_path / "site"
@@ -55,3 +56,13 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
     csrc_sources = [n for n in names if n.startswith("fastrlhf/csrc/") and n.endswith(suffixes)]
     source_tree = [p for p in (ROOT / "csrc").iterdir() if p.suffix in suffixes]
     assert len(csrc_sources) == len(source_tree)
+
+
+def test_imports_without_trl():
+    """fastrlhf and its public API import with TRL absent; only the TRL integration needs it."""
+    code = ("import sys; sys.modules['trl'] = None\n"
+            "import fastrlhf, fastrlhf.integrations\n"
+            "try:\n    import fastrlhf.integrations.trl\nexcept ImportError as e:\n    print('refused', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("refused")

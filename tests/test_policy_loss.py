@@ -100,12 +100,13 @@ def test_loss_and_grad_against_float64(monkeypatch, kw, dtype):
     g_max = x64.grad.abs().max().item()
     pairs = [(loss_t, loss_r, loss64, 1e-5, 1e-3), (grad_t, grad_r, x64.grad, floor_g, 1e-3 + EPS[dtype] * g_max),
              (out_t["logprobs"][m], out_r["logprobs"][m], lp64[m], 1e-5, 1e-3),
-             (out_t["entropy"], out_r["entropy"], ent64, 1e-5, 1e-3),
+             (out_t["entropy"][m], out_r["entropy"][m], ent64[m], 1e-5, 1e-3),
              (out_t["kl"][m], out_r["kl"][m], kl64[m], 1e-5, 1e-3)]
     for fast, slow, exact, floor, sane in pairs:
         e_ref, e_fast = _max_err(slow, exact), _max_err(fast, exact)
         assert e_ref <= sane + floor, "reference too far from float64"
         assert e_fast <= 2 * e_ref + floor, (e_fast, e_ref)
+    assert (out_t["entropy"][~m] == 0).all() and (out_r["entropy"][~m] == 0).all()   # entropy 0 where masked
     for key in ("clip_frac", "approx_kl", "entropy_mean", "kl_mean", "num_tokens", "nonfinite_tokens"):
         torch.testing.assert_close(out_t[key].double(), out_r[key].double(), atol=1e-4, rtol=1e-4)
     if kw.get("batch_entropy_coef"):
