@@ -215,6 +215,9 @@ class TrainConfig:
                                      ("response", "prompt_response", None))
     log_samples: int = _f(4, "per step, append the first N (prompt, response, reward) of the rollout to "
                              "<output_dir>/samples.jsonl (0: off)")
+    # --- several processes (README, "More than one GPU") ---
+    dist_timeout_s: float = _f(1800.0, "under torchrun: seconds any collective (all-reduce, barrier) may wait for "
+                                       "the other processes before the job fails (torch's default: 1800)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"flag": False})
 
     def resolved(self, explicit=()) -> "TrainConfig":
@@ -425,7 +428,7 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
 # checkpoint's, since the saved weights, optimizer state, running statistics and random streams depend on it.
 RESUMABLE = ("resume", "overwrite_output_dir", "output_dir", "max_steps", "save_steps", "save_minutes",
              "save_total_limit", "report_to", "logging_steps", "eval_samples", "num_threads", "device",
-             "learning_rate", "critic_learning_rate", "max_memory_gb", "log_samples")
+             "learning_rate", "critic_learning_rate", "max_memory_gb", "log_samples", "dist_timeout_s")
 
 
 def _flat(d: dict) -> dict:
@@ -493,7 +496,7 @@ def validate(cfg: TrainConfig):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{f.name}: expected a finite number, got {v!r}")
     for name in ("learning_rate", "critic_learning_rate", "sft_learning_rate", "temperature", "kl_target",
-                 "kl_horizon"):
+                 "kl_horizon", "dist_timeout_s"):
         v = getattr(cfg, name)
         if not v > 0:
             raise ValueError(f"{name}: expected a number > 0, got {v!r}")

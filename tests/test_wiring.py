@@ -441,8 +441,8 @@ def test_every_metric_in_metrics_jsonl_matches_its_formula(tmp_path, monkeypatch
     real_setup, real_sample, real_rollout, real_update = train.setup, train.sample, train.rollout, train.update
     steps = []
 
-    def setup_spy(cfg):
-        run = real_setup(cfg)
+    def setup_spy(cfg, dist=None):
+        run = real_setup(cfg, dist)
         with torch.no_grad():
             for p in run.bundle.value_head.parameters():
                 p.normal_()
@@ -701,6 +701,7 @@ KNOB_TESTS = {
     "min_new_tokens": ["test_generate.py::test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings"],
     "reward_input": ["test_rewards.py::test_reward_input_for_reward_models_and_vader"],
     "log_samples": ["test_samples.py::test_train_writes_samples_and_resume_matches_uninterrupted"],
+    "dist_timeout_s": ["test_distributed.py::test_session_passes_dist_timeout_s_and_reports_the_failing_rank"],
 }
 
 

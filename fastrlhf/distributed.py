@@ -1,0 +1,252 @@
+"""Data-parallel training on several processes through torch.distributed (README, "More than one GPU").
+
+`torchrun --nproc_per_node N -m fastrlhf train ...` starts N processes; each reads RANK, WORLD_SIZE and
+LOCAL_RANK from the environment (`session`). Without a launcher (or with WORLD_SIZE=1) nothing here
+communicates and every function below is the single-process computation itself.
+
+Each rank draws its own rollout (`per_device_batch_size` rows per micro-batch, as in Hugging Face: per
+rank) from its own random streams (`stream_seed`) and its own shard of a prompt list (`shard_task`). The
+weights are replicated and their gradients averaged by `DistributedDataParallel` (`wrap`). Everything
+that is a statistic of the batch is taken over every rank's rows (`Dist`):
+
+    reward-scaling moments    GlobalMoments: N = Σ_r n_r, μ = Σ x / N, σ² = Σ (x − μ)² / N
+    advantage whitening       Dist.whiten: the masked mean and variance of README "Advantages and
+                              rewards" 4. with the sums taken over every rank's tokens
+    loss token normalizer     Dist.sum of the mini-batch's response tokens (the loss is their mean)
+    adaptive KL input         the mean over every rank's sequences (Dist.cat)
+    logged metrics            Dist.cat / Dist.average / Dist.maximum / Dist.objects
+
+One collective timeout (`--dist_timeout_s`) bounds every wait; an exception on one rank is printed with
+its rank and tears the process group down (`session`), so the other ranks fail at their next collective
+and the launcher ends the job with a non-zero status instead of hanging.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .algos import RunningMoments
+from .ref import masked_mean
+from .tasks import PromptListTask
+
+# Rank r's random streams start at seed + STREAM_OFFSET * r (rank 0: the single-process seed). The offset
+# keeps a rank's three streams (seed, seed + 1, seed + 2: train.RandomStreams) and the warm start's
+# (seed + 3) apart from every other rank's.
+STREAM_OFFSET = 1000
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: rank in [0, world_size). world_size 1: one process, no
+    process group; every method then returns its input's single-process value."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run's files (metrics.jsonl, samples.jsonl, the PNG, the summary, checkpoints)."""
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ over ranks of t (any shape, the same on every rank)."""
+        if not self.active:
+            return t
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's t [B, ...] (the same shape on every rank) concatenated along dim 0, rank order."""
+        if not self.active:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def objects(self, items: list) -> list:
+        """Every rank's list (picklable items) concatenated, rank order."""
+        if not self.active:
+            return items
+        parts = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, items)
+        return [x for p in parts for x in p]
+
+    def _reduce_values(self, values: dict, op) -> dict:
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=op)
+        return dict(zip(values, t.tolist()))
+
+    def average(self, values: dict) -> dict:
+        """{name: the mean over ranks of the float value}."""
+        if not self.active:
+            return values
+        return {k: v / self.world_size for k, v in self._reduce_values(values, torch.distributed.ReduceOp.SUM).items()}
+
+    def maximum(self, values: dict) -> dict:
+        """{name: the max over ranks of the float value}."""
+        if not self.active:
+            return values
+        return self._reduce_values(values, torch.distributed.ReduceOp.MAX)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the statistics' collectives run: the rank's GPU under NCCL, else the CPU (gloo)."""
+        backend = torch.distributed.get_backend() if self.active else "gloo"
+        return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+    def masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Σ_{m=1} x / max(Σ m, 1) over every rank's positions (ref.masked_mean on one process)."""
+        if not self.active:
+            return masked_mean(x, mask)
+        keep = mask.bool()
+        s = self.sum(torch.stack([torch.where(keep, x.double(), 0.0).sum(), keep.sum().double()]))
+        return (s[0] / s[1].clamp_min(1)).to(x.dtype)
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+        """Masked whitening (README "Advantages and rewards" 4.: ref.whiten) with N, μ and σ² over every
+        rank's valid tokens: N = Σ_r Σ m, μ = Σ_r Σ m·x / max(N, 1), σ² = Σ_r Σ m·(x − μ)² / max(N − 1, 1)
+        (1 when N ≤ 1). The sums travel in float64; x [B, T], mask [B, T] 0/1; masked positions come out 0."""
+        if not self.active:
+            return ops.whiten(x, mask)
+        keep = mask.bool()
+        xf = torch.where(keep, x.float(), 0.0)
+        s = self.sum(torch.stack([xf.double().sum(), keep.sum().double()]))
+        n = s[1]
+        mean = (s[0] / n.clamp_min(1)).float()
+        ss = self.sum(torch.where(keep, xf - mean, 0.0).double().pow(2).sum())
+        var = torch.where(n > 1, ss / (n - 1).clamp_min(1), torch.ones_like(ss)).float()
+        return torch.where(keep, (xf - mean) * torch.rsqrt(var + eps), 0.0).to(x.dtype)
+
+    def loss_tokens(self, count: torch.Tensor) -> torch.Tensor:
+        """The token count a rank divides its share of a mini-batch's loss by, so that DDP's gradient
+        average (1/world_size · Σ_r) is the gradient of the mean over every rank's tokens:
+        Σ_r (count_r / W) · mean_r / world_size = Σ_r count_r · mean_r / Σ_r count_r with W = Σ_r count_r /
+        world_size. One process: count itself."""
+        if not self.active:
+            return count
+        return (self.sum(count.double()) / self.world_size).float()
+
+    def barrier(self):
+        if self.active:
+            torch.distributed.barrier()
+
+
+class GlobalMoments(RunningMoments):
+    """RunningMoments (Chan et al.'s parallel update) fed with every rank's scores: each update merges the
+    batch of all ranks, N = Σ_r n_r, μ = Σ x / N, σ² = Σ (x − μ)² / N (population), so every rank holds
+    the same moments."""
+
+    def __init__(self, dist: Dist):
+        super().__init__()
+        self.dist = dist
+
+    def update(self, x: torch.Tensor):
+        x = x.detach().double().flatten()
+        s = self.dist.sum(torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
+                                                             device=x.device)]))
+        n = int(s[1].item())
+        if n == 0:
+            return
+        mean = s[0] / n
+        var = self.dist.sum((x - mean).pow(2).sum()) / n
+        self.merge(n, mean.item(), var.item())
+
+
+def stream_seed(dist: Dist, seed: int) -> int:
+    """The seed of rank `dist.rank`'s random streams (STREAM_OFFSET)."""
+    return seed + STREAM_OFFSET * dist.rank
+
+
+def shard_task(task, dist: Dist):
+    """A prompt list's disjoint shard for this rank (prompts[rank::world_size]); a task that generates its
+    prompts is returned as it is (each rank draws from its own stream, `stream_seed`)."""
+    if not dist.active or not isinstance(task, PromptListTask):
+        return task
+    shard = list(task.prompts[dist.rank::dist.world_size])
+    if not shard:
+        raise ValueError(f"prompts: {len(task.prompts)} prompt(s) for {dist.world_size} processes; expected at "
+                         f"least one per process")
+    return dataclasses.replace(task, prompts=shard)
+
+
+class Trainable(nn.Module):
+    """The trained modules under one root (policy; value head; the separate critic when there is one), so
+    that DDP averages all their gradients. forward(fn, *args) runs fn(*args): the trainer's own micro-batch
+    loss, which reads the modules directly (hidden states, the output layer's weight on the fused linear
+    path, the value head), runs inside DDP's forward."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module, critic: Optional[nn.Module]):
+        super().__init__()
+        self.policy, self.value_head, self.critic = policy, value_head, critic
+
+    def forward(self, fn: Callable, *args):
+        return fn(*args)
+
+
+def wrap(dist: Dist, bundle) -> Optional[nn.Module]:
+    """DistributedDataParallel over the bundle's trained modules (Trainable), or None on one process.
+    Construction broadcasts rank 0's parameters, so every rank starts the update from the same weights.
+    Only parameters with requires_grad are synchronized (the LoRA adapters, the value head, or all weights);
+    buffers (rotary tables) never change in training and are not re-broadcast."""
+    if not dist.active:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(Trainable(bundle.policy, bundle.value_head, bundle.critic),
+                                   broadcast_buffers=False)
+
+
+def call(model: Optional[nn.Module], fn: Callable, *args):
+    """fn(*args) through the DDP wrapper `model` (so its backward averages the gradients), or directly."""
+    return fn(*args) if model is None else model(fn, *args)
+
+
+def no_sync(model: Optional[nn.Module], last: bool):
+    """Gradient accumulation: DDP's no_sync() for every micro-batch of an optimizer step but the last, whose
+    backward averages the accumulated gradients once."""
+    return model.no_sync() if model is not None and not last else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def session(timeout_s: float, device: str = "auto"):
+    """Yield this process's Dist: join the process group when launched with WORLD_SIZE > 1 (gloo for CPU
+    tensors, NCCL for CUDA ones, `timeout_s` on every collective), else a one-process Dist. An exception
+    on a rank is printed with the rank before it propagates (non-zero exit); the group is destroyed on
+    the way out either way, so a peer waiting on this rank fails instead of hanging."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield Dist()
+        return
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                         timeout=datetime.timedelta(seconds=timeout_s))
+    dist = Dist(rank=rank, world_size=world, local_rank=local)
+    try:
+        yield dist
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            what = exc.code if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+            print(f"fastrlhf train: rank {rank} of {world} failed: {what}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+__all__ = ["Dist", "GlobalMoments", "Trainable", "call", "no_sync", "session", "shard_task", "stream_seed", "wrap"]
