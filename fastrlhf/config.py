@@ -216,6 +216,9 @@ class TrainConfig:
     log_samples: int = _f(4, "per step, append the first N (prompt, response, reward) of the rollout to "
                              "<output_dir>/samples.jsonl (0: off)")
     # --- several processes (README, "More than one GPU") ---
+    fsdp: bool = _f(False, "under torchrun: shard the policy, reference and critic (FSDP2 fully_shard per "
+                           "transformer block) and their gradients and optimizer state, instead of replicating "
+                           "them (DDP)")
     dist_timeout_s: float = _f(1800.0, "under torchrun: seconds any collective (all-reduce, barrier) may wait for "
                                        "the other processes before the job fails (torch's default: 1800)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"flag": False})
@@ -587,4 +590,13 @@ def validate(cfg: TrainConfig):
                          f"got --task {cfg.task!r}")
     if cfg.bf16 and cfg.device == "cuda" and cfg.model.dtype in ("float16", "fp16"):
         raise ValueError("bf16: autocast to bf16 with a float16 model; pass --no-bf16 or --dtype bfloat16")
+    if cfg.fsdp:
+        m = cfg.model
+        quantized = [f"--{k}" for k in ("load_in_4bit", "load_in_8bit", "ref_load_in_8bit") if getattr(m, k)]
+        if quantized:
+            raise ValueError(f"fsdp: bitsandbytes' quantized weights ({', '.join(quantized)}) cannot be sharded "
+                             f"by fully_shard; drop --fsdp (DDP replicates them) or the quantization")
+        if cfg.optim != "adamw_torch":
+            raise ValueError(f"fsdp: bitsandbytes' 8-bit optimizers do not take sharded (DTensor) parameters; "
+                             f"expected --optim adamw_torch, got {cfg.optim!r}")
     validate_model(cfg.model)

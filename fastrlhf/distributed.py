@@ -16,6 +16,13 @@ that is a statistic of the batch is taken over every rank's rows (`Dist`):
     adaptive KL input         the mean over every rank's sequences (Dist.cat)
     logged metrics            Dist.cat / Dist.average / Dist.maximum / Dist.objects
 
+`--fsdp` shards instead of replicating (`shard`): FSDP2's `fully_shard` on every transformer block of the
+policy, the frozen reference and the critic, then on one root over all of them, so each rank holds 1/N of
+the weights, gradients and optimizer state between uses. Every pass then runs inside the root's forward
+(`call`), which gathers what the blocks' own forwards do not; checkpoints go through
+torch.distributed.checkpoint's full state dicts (`full_state`, `load_full_state`), the same layout a
+one-process checkpoint has.
+
 One collective timeout (`--dist_timeout_s`) bounds every wait; an exception on one rank is printed with
 its rank and tears the process group down (`session`), so the other ranks fail at their next collective
 and the launcher ends the job with a non-zero status instead of hanging.
@@ -184,17 +191,108 @@ def shard_task(task, dist: Dist):
 
 
 class Trainable(nn.Module):
-    """The trained modules under one root (policy; value head; the separate critic when there is one), so
-    that DDP averages all their gradients. forward(fn, *args) runs fn(*args): the trainer's own micro-batch
-    loss, which reads the modules directly (hidden states, the output layer's weight on the fused linear
-    path, the value head), runs inside DDP's forward."""
+    """The trained modules under one root (policy; value head; the separate critic when there is one; under
+    --fsdp the frozen reference copy too), so that DDP averages all their gradients and FSDP shards them all.
+    forward(fn, *args, **kwargs) runs fn(*args, **kwargs): the trainer's own passes, which read the modules
+    directly (hidden states, the output layer's weight on the fused linear path, the value head), run
+    inside the wrapper's forward."""
 
-    def __init__(self, policy: nn.Module, value_head: nn.Module, critic: Optional[nn.Module]):
+    def __init__(self, policy: nn.Module, value_head: nn.Module, critic: Optional[nn.Module],
+                 reference: Optional[nn.Module] = None):
         super().__init__()
-        self.policy, self.value_head, self.critic = policy, value_head, critic
+        self.policy, self.value_head, self.critic, self.reference = policy, value_head, critic, reference
 
-    def forward(self, fn: Callable, *args):
-        return fn(*args)
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def _blocks(model: nn.Module) -> list:
+    """The transformer blocks of a Hugging Face model (peft-wrapped or not): the modules whose class the
+    model lists in `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in base.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"fsdp: {type(base).__name__} names no transformer block class in _no_split_modules "
+                         f"({sorted(names)}); fully_shard needs one per block")
+    return blocks
+
+
+def shard(dist: Dist, bundle) -> nn.Module:
+    """--fsdp: FSDP2 fully_shard on every transformer block of the policy, the frozen reference (without
+    LoRA) and the critic, then on a Trainable root holding them (embeddings, output layer, value head and
+    what else is left). The bundle's modules are sharded in place: build the optimizer afterwards, from the
+    sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.active:
+        raise ValueError("fsdp: expected several processes (torchrun --nproc_per_node N -m fastrlhf train "
+                         "--fsdp ...), got one")
+    reference = None
+    if not bundle.config.use_peft:
+        with bundle.reference() as reference:
+            pass
+    root = Trainable(bundle.policy, bundle.value_head, bundle.critic, reference)
+    for model in (bundle.policy, reference, bundle.critic):
+        if model is not None:
+            for block in _blocks(model):
+                fully_shard(block)
+    return fully_shard(root)
+
+
+def is_sharded(model: Optional[nn.Module]) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gathered(model: Optional[nn.Module], fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) where it may read every weight: inside the FSDP root's forward under --fsdp (the
+    rollout's no-grad passes, generation, evaluation), else directly (DDP's replicas are whole)."""
+    return model(fn, *args, **kwargs) if is_sharded(model) else fn(*args, **kwargs)
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state(run) -> dict:
+    """--fsdp: the whole trainable weights, the reference (when the warm start changed it) and the optimizer
+    state as `checkpoint.save_run` stores them on one process, gathered to rank 0's host
+    (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload); the other ranks get {}.
+    Every rank must call it. The optimizer state is keyed by parameter name (get_optimizer_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root, b = run.parallel, run.bundle
+    model = get_model_state_dict(root, options=_full_options(cpu_offload=True))
+    optim = get_optimizer_state_dict(root, run.optim.optimizer, options=_full_options(cpu_offload=True))
+    if not run.dist.is_main:
+        return {}
+
+    def part(prefix: str, module: Optional[nn.Module], trainable_only: bool = True):
+        if module is None:
+            return None
+        names = [n for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+        return {n: model[f"{prefix}.{n}"] for n in names}
+
+    return {"policy": part("policy", b.policy), "value_head": part("value_head", b.value_head),
+            "critic": part("critic", b.critic),
+            "reference": part("reference", root.reference, False) if run.reference_state is not None else None,
+            "optimizer": optim}
+
+
+def load_full_state(run, state: dict):
+    """--fsdp: load a `full_state` (or one-process `save_run`) state's weights, and its optimizer state when
+    it is keyed by name, into the sharded modules; every rank loads its own shards from the whole tensors."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model = {f"{prefix}.{k}": v for prefix in ("policy", "value_head", "critic", "reference")
+             for k, v in (state.get(prefix) or {}).items()}
+    set_model_state_dict(run.parallel, model, options=_full_options(strict=False))
+    if "optimizer" in state:
+        set_optimizer_state_dict(run.parallel, run.optim.optimizer, state["optimizer"], options=_full_options())
 
 
 def wrap(dist: Dist, bundle) -> Optional[nn.Module]:
@@ -216,9 +314,20 @@ def call(model: Optional[nn.Module], fn: Callable, *args):
 
 
 def no_sync(model: Optional[nn.Module], last: bool):
-    """Gradient accumulation: DDP's no_sync() for every micro-batch of an optimizer step but the last, whose
-    backward averages the accumulated gradients once."""
-    return model.no_sync() if model is not None and not last else contextlib.nullcontext()
+    """Gradient accumulation: no gradient communication for every micro-batch of an optimizer step but the
+    last, whose backward averages (DDP) or reduce-scatters (FSDP) the accumulated gradients once."""
+    if model is None or last:
+        return contextlib.nullcontext()
+    return _fsdp_no_sync(model) if is_sharded(model) else model.no_sync()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)   # FSDP2: unsharded gradients accumulate locally
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 @contextlib.contextmanager
@@ -249,4 +358,5 @@ def session(timeout_s: float, device: str = "auto"):
         torch.distributed.destroy_process_group()
 
 
-__all__ = ["Dist", "GlobalMoments", "Trainable", "call", "no_sync", "session", "shard_task", "stream_seed", "wrap"]
+__all__ = ["Dist", "GlobalMoments", "Trainable", "call", "full_state", "gathered", "is_sharded", "load_full_state",
+           "no_sync", "session", "shard", "shard_task", "stream_seed", "wrap"]

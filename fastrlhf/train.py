@@ -118,7 +118,7 @@ class Run:
     step: int = 0
     eval_before: Optional[float] = None      # held-out score before the first step
     dist: Dist = dataclasses.field(default_factory=Dist)   # this process's rank (fastrlhf.distributed)
-    parallel: Optional[torch.nn.Module] = None             # the DDP wrapper of the trained modules, or None
+    parallel: Optional[torch.nn.Module] = None             # the DDP wrapper / FSDP root of the models, or None
 
     @property
     def device(self):
@@ -191,6 +191,7 @@ def setup(cfg: TrainConfig, dist: Optional[Dist] = None) -> Run:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     bundle = load(cfg.model, device)
+    parallel = distributed.shard(dist, bundle) if cfg.fsdp else None     # before the optimizer takes the params
     task = distributed.shard_task(make_task(cfg.task, digits=cfg.digits, operators=cfg.operators,
                                             prompts_file=cfg.prompts), dist)
     reward_fn = make_reward(cfg.reward, reward_model=cfg.reward_model, reward_label=cfg.reward_label,
@@ -210,7 +211,7 @@ def setup(cfg: TrainConfig, dist: Optional[Dist] = None) -> Run:
                                kl_ctl=AdaptiveKL(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None,
                                                  cfg.kl_horizon)),
                streams=RandomStreams.seeded(distributed.stream_seed(dist, cfg.seed), device),
-               sizes=memory_sizes(cfg, bundle), memory=PhaseMemory(device), dist=dist)
+               sizes=memory_sizes(cfg, bundle), memory=PhaseMemory(device), dist=dist, parallel=parallel)
 
 
 @contextlib.contextmanager
@@ -490,8 +491,9 @@ def train(cfg: TrainConfig, dist: Optional[Dist] = None) -> dict:
         if cfg.sft_steps:
             warm_start(run)       # the same on every rank (its own seeded stream)
         if cfg.eval_samples:
-            run.eval_before = evaluate(run, cfg.eval_samples, seed=cfg.seed)
-    run.parallel = distributed.wrap(dist, run.bundle)                  # None on one process
+            run.eval_before = distributed.gathered(run.parallel, evaluate, run, cfg.eval_samples, seed=cfg.seed)
+    if run.parallel is None:                                           # --fsdp: sharded in setup
+        run.parallel = distributed.wrap(dist, run.bundle)              # None on one process
     log = metrics.MetricsLogger(out_dir, report_to=cfg.report_to, start_step=run.step) if main else None
     samples = metrics.SampleLogger(out_dir, cfg.log_samples, start_step=run.step) if main else None
     batch = rollout_batch(cfg)
@@ -503,7 +505,7 @@ def train(cfg: TrainConfig, dist: Optional[Dist] = None) -> dict:
         try:
             before = rollout_state(run)
             prompts = run.job.task.sample(batch, run.streams.data)         # 1. prompts
-            roll = rollout(run, prompts)                                   # 2-6. generate … advantages
+            roll = distributed.gathered(run.parallel, rollout, run, prompts)   # 2-6. generate … advantages
             snapshot = None if run.step in (0, saved_step) or dist.active else update_snapshot(run)
         except BaseException:   # a reward function that raises, Ctrl-C, ...: keep the last completed step
             save_last_step(run, before, saved_step)
@@ -557,7 +559,8 @@ def train(cfg: TrainConfig, dist: Optional[Dist] = None) -> dict:
         summary = metrics.summary(log.records, wall_s=time.perf_counter() - t_start,
                                   peak_mib=max([r["peak_mem_mib"] for r in log.records]
                                                or [metrics.peak_mem_mib(run.device)]))
-    eval_after = evaluate(run, cfg.eval_samples, seed=cfg.seed) if cfg.eval_samples else None   # every rank
+    eval_after = distributed.gathered(run.parallel, evaluate, run, cfg.eval_samples, seed=cfg.seed) \
+        if cfg.eval_samples else None                                  # every rank
     if not main:
         return {}
     summary["eval_before"] = run.eval_before

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import padula
+from . import distributed, padula
 from .passes import nll
 from .sequences import encode_prompts, pad_rows
 from .tasks import solve
@@ -65,8 +65,8 @@ def warm_start(run: Run):
     bundle.policy.train()
     for _ in range(cfg.sft_steps):
         seq, attn, start, target = (_chain_batch if chains else _answer_batch)(run, rng)
-        with run.autocast():
-            loss = nll(bundle.policy, seq, attn, start, target)
+        with run.autocast():   # under --fsdp inside the sharded root's forward (run.parallel)
+            loss = distributed.call(run.parallel, nll, bundle.policy, seq, attn, start, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -75,7 +75,9 @@ def warm_start(run: Run):
     if not bundle.config.use_peft:
         with bundle.reference() as ref_model:
             ref_model.load_state_dict(bundle.policy.state_dict())
-            run.reference_state = {k: v.detach().cpu().clone() for k, v in ref_model.state_dict().items()}
+            # under --fsdp the shards stay where they are ({}: changed; a checkpoint gathers them)
+            run.reference_state = {} if distributed.is_sharded(run.parallel) else \
+                {k: v.detach().cpu().clone() for k, v in ref_model.state_dict().items()}
 
 
 __all__ = ["sft_example", "warm_start"]

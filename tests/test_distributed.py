@@ -24,6 +24,7 @@ from fastrlhf.tasks import PromptListTask
 
 TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_num_heads", "2",
         "--tiny_intermediate_size", "64", "--sft_steps", "0", "--eval_samples", "2", "--max_new_tokens", "3"]
+LORA = ["--use_peft", "--lora_r", "4", "--lora_dropout", "0"]   # no dropout: the same forward on any rank
 WORLD, ROWS = 2, 8          # processes; rollout rows in all (ROWS // WORLD per rank)
 # (per-rank flags, single-process flags): one optimizer step over the whole rollout, the 2-rank runs with
 # half of it each, without and with gradient accumulation
@@ -31,6 +32,11 @@ SETTINGS = {
     "no_accumulation": (["--per_device_batch_size", "4"], ["--per_device_batch_size", "8"]),
     "accumulation": (["--per_device_batch_size", "2", "--gradient_accumulation_steps", "2"],
                      ["--per_device_batch_size", "8"]),
+    "lora": (["--per_device_batch_size", "4", *LORA], ["--per_device_batch_size", "8", *LORA]),
+    "fsdp": (["--per_device_batch_size", "4", "--fsdp"], ["--per_device_batch_size", "8"]),
+    "fsdp_lora": (["--per_device_batch_size", "4", "--fsdp", *LORA], ["--per_device_batch_size", "8", *LORA]),
+    "fsdp_accumulation": (["--per_device_batch_size", "2", "--gradient_accumulation_steps", "2", "--fsdp"],
+                          ["--per_device_batch_size", "8"]),
 }
 COMMON = [*TINY, "--num_mini_batches", "1", "--ppo_epochs", "1", "--num_threads", "1", "--device", "cpu"]
 
@@ -51,7 +57,9 @@ def _stat_inputs(rank: int):
 
 
 def _params(run):
-    return [p.detach().clone() for p in run.bundle.trainable_parameters()]
+    """The trainable parameters, whole (under --fsdp gathered from every rank's shard: a collective)."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for p in run.bundle.trainable_parameters()]
 
 
 def _worker(rank, port, tmp):
@@ -74,9 +82,20 @@ def _worker(rank, port, tmp):
         for name, (flags, _) in SETTINGS.items():
             cfg = config.parse_args([*COMMON, *flags, "--output_dir", str(Path(tmp) / name)])
             run = train.setup(cfg, dist)
-            run.parallel = distributed.wrap(dist, run.bundle)
-            train.update(run, roll.rows(torch.arange(rank * half, (rank + 1) * half)))
+            run.parallel = run.parallel or distributed.wrap(dist, run.bundle)   # --fsdp: sharded by setup
+            rows = roll.rows(torch.arange(rank * half, (rank + 1) * half))
+            train.update(run, rows)
             out[name] = _params(run)
+        # --fsdp checkpoint round trip: save, resume in a fresh sharded run, one more update on both
+        run.step = 1
+        train.checkpoint.save_run(run)
+        resumed = train.setup(config.parse_args([*COMMON, *SETTINGS["fsdp_accumulation"][0], "--output_dir",
+                                                 str(Path(tmp) / "fsdp_accumulation"), "--resume"]), dist)
+        train.checkpoint.resume(resumed, "latest")
+        out["resumed_before"] = _params(resumed)
+        train.update(run, rows)
+        train.update(resumed, rows)
+        out["resumed_after"], out["continued_after"] = _params(resumed), _params(run)
     torch.save(out, Path(tmp) / f"rank{rank}.pt")
 
 
@@ -99,7 +118,7 @@ def two_ranks(tmp_path_factory):
     single = {}
     roll = None
     for name, (_, flags) in SETTINGS.items():
-        cfg = config.parse_args([*COMMON, *flags, "--output_dir", str(tmp / name)])
+        cfg = config.parse_args([*COMMON, *flags, "--output_dir", str(tmp / f"single-{name}")])
         run = train.setup(cfg)
         if roll is None:   # one rollout for every setting and both process counts
             roll = _ragged(train.rollout(run, run.job.task.sample(ROWS, random.Random(0))))
@@ -121,6 +140,26 @@ def test_update_on_two_ranks_equals_one_process_on_the_whole_batch(two_ranks, se
     for r in range(WORLD):
         for a, b in zip(single[setting], ranks[r][setting]):
             torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def test_fsdp_checkpoint_resumes_the_sharded_weights_and_optimizer(two_ranks):
+    _, ranks, _ = two_ranks
+    for r in range(WORLD):
+        for a, b in zip(ranks[r]["fsdp_accumulation"], ranks[r]["resumed_before"]):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+        for a, b in zip(ranks[r]["continued_after"], ranks[r]["resumed_after"]):   # Adam's moments came back
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+        assert any((a != b).any() for a, b in zip(ranks[r]["resumed_after"], ranks[r]["resumed_before"]))
+
+
+def test_fsdp_refuses_what_it_cannot_shard(monkeypatch):
+    base = [*TINY, "--output_dir", "/nonexistent-fastrlhf", "--fsdp"]
+    with pytest.raises(ValueError, match=r"fsdp: bitsandbytes' quantized weights \(--ref_load_in_8bit\)"):
+        config.parse_args([*base, "--ref_load_in_8bit"])
+    with pytest.raises(ValueError, match="fsdp: bitsandbytes' 8-bit optimizers .* got 'adamw_8bit'"):
+        config.parse_args([*base, "--optim", "adamw_8bit"])
+    with pytest.raises(ValueError, match="fsdp: expected several processes"):
+        train.setup(config.parse_args(base))
 
 
 def test_global_statistics_equal_the_concatenated_batch(two_ranks):

@@ -701,6 +701,8 @@ KNOB_TESTS = {
     "min_new_tokens": ["test_generate.py::test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings"],
     "reward_input": ["test_rewards.py::test_reward_input_for_reward_models_and_vader"],
     "log_samples": ["test_samples.py::test_train_writes_samples_and_resume_matches_uninterrupted"],
+    "fsdp": ["test_distributed.py::test_update_on_two_ranks_equals_one_process_on_the_whole_batch",
+             "test_distributed.py::test_fsdp_refuses_what_it_cannot_shard"],
     "dist_timeout_s": ["test_distributed.py::test_session_passes_dist_timeout_s_and_reports_the_failing_rank"],
 }
 
