@@ -110,12 +110,20 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef: float, estim
 
 def advantages_and_returns(rewards, values, mask, *, gamma: float, lam: float, whiten: bool = True,
                            clip: Optional[float] = None, whiten_fn: Callable = ops.whiten):
-    """GAE (returns are R = A + V, unwhitened), then masked advantage whitening and optional ±clip.
-    All [B, T] float32; 0 on pads. `whiten_fn(x, mask)`: the whitening (on several processes, over every
-    process's tokens: fastrlhf.distributed.Dist.whiten)."""
+    """GAE (returns are R = A + V, unwhitened), then masked advantage whitening and optional ±clip
+    (`normalize_advantages`). All [B, T] float32; 0 on pads."""
     adv, returns = ops.gae(rewards.float(), values.float(), mask.float(), gamma=gamma, lam=lam)
+    return normalize_advantages(adv, mask, whiten=whiten, clip=clip, whiten_fn=whiten_fn), returns
+
+
+def normalize_advantages(adv, mask, *, whiten: bool = True, clip: Optional[float] = None,
+                         whiten_fn: Callable = ops.whiten):
+    """adv, mask [B, T] -> adv whitened over all valid tokens together (when `whiten`), then clipped to ±clip
+    (when given); 0 on pads. The trainer calls it on the whole rollout or, with --whiten_scope minibatch, on
+    each optimizer step's rows. `whiten_fn(x, mask)`: the whitening (on several processes, over every
+    process's tokens: fastrlhf.distributed.Dist.whiten)."""
     if whiten:
         adv = whiten_fn(adv, mask.float())
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    return adv * mask.float(), returns
+    return adv * mask.float()

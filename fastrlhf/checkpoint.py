@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import resume_changes
+from .models import load_reference
 
 if TYPE_CHECKING:
     from .train import Run
@@ -331,8 +332,7 @@ def load_weights(run: Run, state: dict):
     if b.critic is not None:
         load_trainable_state(b.critic, state["critic"])
     if state["reference"] is not None:
-        with b.reference() as ref_model:
-            ref_model.load_state_dict(state["reference"])
+        load_reference(b, state["reference"])
         run.reference_state = state["reference"]
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 from .models import PADULA_SIZES, ModelConfig
 from .models import validate as validate_model
 from .optim import OPTIMIZERS
-from .ref import KL_ESTIMATORS
+from .ref import BATCH_ENTROPY_POSITIONS, KL_ESTIMATORS
 from .rewards import BUILTIN_REWARDS
 from .tasks import make_task
 
@@ -44,6 +44,7 @@ PRESETS = {
         cliprange_value=0.2,       # PPOConfig cliprange_value=0.2
         vf_coef=0.1,               # PPOConfig vf_coef=0.1
         whiten_advantages=True,    # ppo_trainer.py masked_whiten(advantages, ~padding_mask): the whole batch
+        whiten_scope="rollout",    # (the batch of the rollout, before its mini-batches)
         adv_clip=None,             # TRL clips no advantage
         score_scaling="none",      # 0.x PPOConfig use_score_scaling=False (the current PPOConfig has none)
         score_clip=None,           # 0.x PPOConfig score_clip=None
@@ -70,6 +71,7 @@ PRESETS = {
         # No --use_advantage_norm in train_ppo_en.sh: advantages are not whitened (with it, ppo_trainer.py
         # whitens each training batch, masked; fastrlhf's --whiten_advantages whitens the rollout).
         whiten_advantages=False,
+        whiten_scope="minibatch",  # what --use_advantage_norm would whiten: each training batch (inert while off)
         adv_clip=None,             # no --use_advantage_clip (config_ppo.py advantage_clip=0.5 is then unused)
         score_scaling="std",       # --use_reward_scaling without --use_reward_norm: rewards /= running.std
         score_clip=None,           # no --use_reward_clip (and --reward_clip 0.)
@@ -77,6 +79,8 @@ PRESETS = {
         num_mini_batches=1,        # --num_rollouts 2 = --batch_size 2: one optimizer step per rollout
         ppo_epochs=1,              # PPOTrainer.train iterates the replay buffer once, then clears it
         adv_coeff=10.0,            # APA's 1/λ (as in "apa"); PPO does not read it
+        # Not preset fields: the critic pre-training of paper §5.4 is not in the released code
+        # (--critic_warmup_steps N, default 0); the critic is --reward_model's trunk when one is given.
     ),
     # APA as the official code: microsoft/RLHF-APA examples/apa_hh.py (its SPPOConfig; the same settings are
     # in examples/sppo_hh.py @ 1cd4c13, read here), trlx/models/modeling_sppo.py,
@@ -89,9 +93,11 @@ PRESETS = {
         cliprange=0.2,             # not read by APA (apa_hh.py cliprange=100 enters only a logged PPO loss)
         cliprange_value=None,      # modeling_sppo.py loss: values_clipped commented out, 0.5 * MSE
         vf_coef=1.0,               # apa_hh.py vf_coef=1
-        # modeling_sppo.py get_advantages_and_returns: whiten(advantages), unmasked, per training batch of 8;
-        # fastrlhf whitens the rollout, masked (README, "Advantages and rewards")
+        # modeling_sppo.py get_advantages_and_returns: whiten(advantages), called from the loss of each
+        # training batch (8 rows in apa_hh.py), unmasked; fastrlhf whitens each mini-batch, masked (README,
+        # "Advantages and rewards")
         whiten_advantages=True,
+        whiten_scope="minibatch",
         adv_clip=None,             # no advantage clip
         score_scaling="std",       # apa_hh.py scale_reward="running": scores /= running_moments.std
         score_clip=100.0,          # apa_hh.py cliprange_reward=100
@@ -101,6 +107,10 @@ PRESETS = {
         num_mini_batches=1,
         ppo_epochs=2,              # apa_hh.py ppo_epochs=2 (two consecutive steps per mini-batch there)
         adv_coeff=10.0,            # apa_hh.py ADV_COEFF_SQ = 10 (the paper's 1/λ)
+        # Not preset fields (fastrlhf/recipes/apa-paper.yaml sets them): the official critic is a copy of the
+        # SFT trunk with an MLP head (modeling_sppo.py v_net, make_head): --critic copy, while "shared" stays
+        # every algorithm's memory-saving default (README, "The value model"); only the top 2 blocks train
+        # (ModelConfig num_layers_unfrozen=2): --num_layers_unfrozen 2, a per-model count.
     ),
 }
 
@@ -168,10 +178,21 @@ class TrainConfig:
     warmup_steps: int = _f(0, "linear learning-rate warmup, in optimizer steps")
     max_grad_norm: Optional[float] = _f(None, "global grad-norm clip (None: off)", preset=True)
     vf_coef: Optional[float] = _f(None, "value-loss weight", preset=True)
+    critic: str = _f("shared", "value model: shared (a linear head on the policy's trunk: no second copy of the "
+                               "weights) | copy (a separate trunk copied from the policy at the start of RL, with "
+                               "a 2-layer MLP head, as APA's official code)", ("shared", "copy"))
+    critic_warmup_steps: int = _f(0, "the first N RL steps update only the value model, the policy is left as it "
+                                     "is (PPO-max's critic pre-training, paper §5.4)")
+    num_layers_unfrozen: int = _f(-1, "train only the policy's top K transformer blocks (their LoRA adapters "
+                                      "under --use_peft); embeddings, final norm and output layer still train, as "
+                                      "trlx's freeze_bottom_causal_layers (-1: all blocks)")
     # --- advantages and rewards ---
     gamma: Optional[float] = _f(None, "GAE discount", preset=True)
     lam: Optional[float] = _f(None, "GAE lambda", preset=True)
     whiten_advantages: Optional[bool] = _f(None, "masked whitening of advantages", preset=True)
+    whiten_scope: Optional[str] = _f(None, "what --whiten_advantages whitens together: rollout (all its tokens, "
+                                           "once) | minibatch (each optimizer step's rows, at that step)",
+                                     ("rollout", "minibatch", None), preset=True)
     adv_clip: Optional[float] = _f(None, "clip whitened advantages to ±this (None: off)", preset=True)
     score_scaling: Optional[str] = _f(None, "none | std (divide by running std) | mean_std (also subtract "
                                             "running mean)", ("none", "std", "mean_std", None), preset=True)
@@ -183,7 +204,12 @@ class TrainConfig:
     cliprange_value: Optional[float] = _f(None, "value clip ε_v (None: ½ MSE)", preset=True)
     adv_coeff: Optional[float] = _f(None, "APA 1/λ", preset=True)
     entropy_coef: float = _f(0.0, "entropy bonus weight")
-    batch_entropy_coef: float = _f(0.0, "batch-entropy bonus weight")
+    batch_entropy_coef: float = _f(0.0, "batch-entropy bonus weight: loss −= this × H_batch, the entropy of the "
+                                        "PPO mini-batch's mean distribution (README, \"Batch entropy\")")
+    batch_entropy_positions: str = _f("all", "positions H_batch averages: all (H(p̄_t) at each response position "
+                                             "t, averaged over the positions with a valid token) | last (one p̄ "
+                                             "over each row's last valid response token: Padula & Soemers' "
+                                             "one-token answers)", BATCH_ENTROPY_POSITIONS)
     kl_coef: Optional[float] = _f(None, "KL weight β (initial value with --adaptive_kl)", preset=True)
     kl_estimator: Optional[str] = _f(None, "KL estimator k1 | k2 | k3", KL_ESTIMATORS + (None,), preset=True)
     kl_in: Optional[str] = _f(None, "reward (per-token shaping) | loss (policy-loss term)",
@@ -244,7 +270,8 @@ class TrainConfig:
             cfg.critic_learning_rate = cfg.learning_rate
         if cfg.sft_steps is None:
             cfg.sft_steps = 250 if (cfg.model.model_name_or_path is None and cfg.task == "arithmetic") else 0
-        if cfg.algo == "ppo-max" and cfg.reward_model and cfg.model.critic_model_name_or_path is None:
+        if cfg.algo == "ppo-max" and cfg.reward_model and cfg.model.critic_model_name_or_path is None \
+                and cfg.critic == "shared":
             cfg.model = dataclasses.replace(cfg.model, critic_model_name_or_path=cfg.reward_model)
         return cfg
 
@@ -464,7 +491,8 @@ def _choice(name, value, allowed):
 
 def validate(cfg: TrainConfig):
     """Every check that needs no model: values, ranges, and combinations."""
-    for name in ("num_mini_batches", "ppo_epochs", "vf_coef", "gamma", "lam", "whiten_advantages", "score_scaling", "cliprange",
+    for name in ("num_mini_batches", "ppo_epochs", "vf_coef", "gamma", "lam", "whiten_advantages", "whiten_scope",
+                 "score_scaling", "cliprange",
                  "adv_coeff", "kl_coef", "kl_estimator", "kl_in"):
         if getattr(cfg, name) is None:
             raise ValueError(f"{name}: expected a value (it has no 'off' setting), got None")
@@ -477,8 +505,11 @@ def validate(cfg: TrainConfig):
         raise ValueError(f"optim: {cfg.optim!r} needs the bitsandbytes package (pip install 'fastrlhf[quant]')")
     _choice("lr_scheduler_type", cfg.lr_scheduler_type, ("constant", "linear", "cosine"))
     _choice("score_scaling", cfg.score_scaling, ("none", "std", "mean_std"))
+    _choice("whiten_scope", cfg.whiten_scope, ("rollout", "minibatch"))
+    _choice("critic", cfg.critic, ("shared", "copy"))
     _choice("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)
     _choice("kl_in", cfg.kl_in, ("reward", "loss"))
+    _choice("batch_entropy_positions", cfg.batch_entropy_positions, BATCH_ENTROPY_POSITIONS)
     positive_ints = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "num_mini_batches",
                      "ppo_epochs", "max_new_tokens", "max_prompt_length", "logging_steps", "sft_batch_size",
                      "eval_samples")
@@ -486,10 +517,15 @@ def validate(cfg: TrainConfig):
         v = getattr(cfg, name)
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    for name in ("save_steps", "sft_steps", "warmup_steps", "top_k", "log_samples"):
+    for name in ("save_steps", "sft_steps", "warmup_steps", "top_k", "log_samples", "critic_warmup_steps"):
         v = getattr(cfg, name)
         if not (isinstance(v, int) and v >= 0):
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    if not (isinstance(cfg.num_layers_unfrozen, int) and cfg.num_layers_unfrozen >= -1):
+        raise ValueError(f"num_layers_unfrozen: expected -1 (all blocks) or an int >= 0, got {cfg.num_layers_unfrozen!r}")
+    if cfg.critic == "copy" and cfg.model.critic_model_name_or_path is not None:
+        raise ValueError(f"critic: 'copy' copies the policy's trunk; it cannot be combined with "
+                         f"critic_model_name_or_path {cfg.model.critic_model_name_or_path!r}")
     if cfg.num_threads is not None and cfg.num_threads < 1:
         raise ValueError(f"num_threads: expected None or an int >= 1, got {cfg.num_threads!r}")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
@@ -596,6 +632,9 @@ def validate(cfg: TrainConfig):
         if quantized:
             raise ValueError(f"fsdp: bitsandbytes' quantized weights ({', '.join(quantized)}) cannot be sharded "
                              f"by fully_shard; drop --fsdp (DDP replicates them) or the quantization")
+        if m.use_peft and cfg.sft_steps:
+            raise ValueError(f"fsdp: with --use_peft the warm start's reference is a second LoRA adapter, which "
+                             f"cannot join a sharded model; expected --sft_steps 0, got {cfg.sft_steps}")
         if cfg.optim != "adamw_torch":
             raise ValueError(f"fsdp: bitsandbytes' 8-bit optimizers do not take sharded (DTensor) parameters; "
                              f"expected --optim adamw_torch, got {cfg.optim!r}")

@@ -13,6 +13,7 @@ that is a statistic of the batch is taken over every rank's rows (`Dist`):
     advantage whitening       Dist.whiten: the masked mean and variance of README "Advantages and
                               rewards" 4. with the sums taken over every rank's tokens
     loss token normalizer     Dist.sum of the mini-batch's response tokens (the loss is their mean)
+    batch entropy p̄           Dist.batch_probs: the mini-batch pre-pass's sums Σ m·p, Σ m over every rank
     adaptive KL input         the mean over every rank's sequences (Dist.cat)
     logged metrics            Dist.cat / Dist.average / Dist.maximum / Dist.objects
 
@@ -147,6 +148,17 @@ class Dist:
             return count
         return (self.sum(count.double()) / self.world_size).float()
 
+    def batch_probs(self, probs):
+        """Batch-entropy statistics (ref.BatchProbs: sums over rows) summed over every rank's rows, so p̄ is
+        the global mini-batch's (README, "Batch entropy"); a rank with fewer positions G has zeros past them."""
+        if not self.active:
+            return probs
+        G = int(self.maximum({"G": probs.count.shape[0]})["G"])
+        pad = G - probs.count.shape[0]
+        p = torch.nn.functional.pad(probs.probs, (0, 0, 0, pad))
+        c = torch.nn.functional.pad(probs.count, (0, pad))
+        return dataclasses.replace(probs, probs=self.sum(p), count=self.sum(c))
+
     def barrier(self):
         if self.active:
             torch.distributed.barrier()
@@ -258,6 +270,16 @@ def _full_options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
+def reset_sharded_reference(bundle) -> dict:
+    """--fsdp: the frozen reference copy takes the (warm-started) policy's weights, shard for shard (the same
+    blocks on the same mesh), as models.reset_reference does whole; returns {} (the reference changed: a
+    checkpoint gathers it, `full_state`). Not with LoRA, whose reference would be a second adapter added to
+    the sharded model (config.validate refuses --fsdp --use_peft with a warm start)."""
+    with bundle.reference() as ref_model:
+        ref_model.load_state_dict(bundle.policy.state_dict())
+    return {}
+
+
 def full_state(run) -> dict:
     """--fsdp: the whole trainable weights, the reference (when the warm start changed it) and the optimizer
     state as `checkpoint.save_run` stores them on one process, gathered to rank 0's host
@@ -295,17 +317,18 @@ def load_full_state(run, state: dict):
         set_optimizer_state_dict(run.parallel, run.optim.optimizer, state["optimizer"], options=_full_options())
 
 
-def wrap(dist: Dist, bundle) -> Optional[nn.Module]:
+def wrap(dist: Dist, bundle, find_unused_parameters: bool = False) -> Optional[nn.Module]:
     """DistributedDataParallel over the bundle's trained modules (Trainable), or None on one process.
     Construction broadcasts rank 0's parameters, so every rank starts the update from the same weights.
     Only parameters with requires_grad are synchronized (the LoRA adapters, the value head, or all weights);
-    buffers (rotary tables) never change in training and are not re-broadcast."""
+    buffers (rotary tables) never change in training and are not re-broadcast. `find_unused_parameters`:
+    some step's backward leaves trainable parameters without a gradient (--critic_warmup_steps)."""
     if not dist.active:
         return None
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(Trainable(bundle.policy, bundle.value_head, bundle.critic),
-                                   broadcast_buffers=False)
+                                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
 
 
 def call(model: Optional[nn.Module], fn: Callable, *args):
@@ -359,4 +382,4 @@ def session(timeout_s: float, device: str = "auto"):
 
 
 __all__ = ["Dist", "GlobalMoments", "Trainable", "call", "full_state", "gathered", "is_sharded", "load_full_state",
-           "no_sync", "session", "shard", "shard_task", "stream_seed", "wrap"]
+           "no_sync", "reset_sharded_reference", "session", "shard", "shard_task", "stream_seed", "wrap"]

@@ -19,7 +19,9 @@ version of `ref.policy_rows`, `_TorchRows`). Tokens are processed in chunks of `
 each chunk's logits (4 GEMMs in all when trained); under `torch.no_grad()` it is one GEMM pass.
 
 Batch entropy couples the rows at one position t ([B, T, V] semantics): a first pass accumulates
-p̄ [T, V] in float32, then the main pass adds its gradient term (README, "Batch entropy") to dz.
+p̄ [T, V] in float32, then the main pass adds its gradient term (README, "Batch entropy") to dz. Given a
+mini-batch's statistics (`batch_probs=`, from `fused_linear_batch_probs` over its micro-batches) there is
+no first pass: the main pass uses that p̄.
 
 Chunk size (`chunk_size=None`): rows such that one float32 [rows, V] buffer fits a budget, 16 MiB
 on CPU, min(free/16, 128 MiB) on CUDA (`choose_chunk_size`); the caller can override it.
@@ -279,42 +281,89 @@ def fused_linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 # Policy loss: gradients computed in forward, chunk by chunk; backward is a scale
 # ----------------------------------------------------------------------------
 
-def _batch_entropy_and_g(hidden2d, weight, bias, wpos, pos, T, temperature, rows):
-    """First pass of batch entropy. wpos [N] = m_bt/Σ_b m_bt, pos [N] = t of each row.
-    Returns (H_batch scalar, g [T, V] fp32) with g_v = −(log p̄_{t,v} + 1)/n_pos (README, "Batch entropy")."""
+def _probs_sums(hidden2d, weight, bias, wrow, pos, G, temperature, rows):
+    """Σ_i wrow_i·softmax(x_i/τ) into group pos_i -> [G, V] float32, over hidden2d [N, H] chunk by chunk;
+    rows with wrow = 0 (masked) are selected out (NaN hidden states there reach nothing)."""
     n, vocab = hidden2d.shape[0], weight.shape[0]
-    pbar = torch.zeros(T, vocab, dtype=torch.float32, device=hidden2d.device)
-    torch_rows = _TorchRows(rows, vocab, hidden2d.device)
+    sums = torch.zeros(G, vocab, dtype=torch.float32, device=hidden2d.device)
+    torch_rows = _TorchRows(min(rows, max(n, 1)), vocab, hidden2d.device)
     with torch.no_grad():
         for s in range(0, n, rows):
             e = min(n, s + rows)
             _, p, _, _ = torch_rows.softmax(hidden2d[s:e], weight, bias, temperature)
-            w = wpos[s:e, None]
-            pbar.index_add_(0, pos[s:e], p.mul_(w).masked_fill_(w == 0, 0.0))    # masked rows selected out
-    n_pos = (torch.zeros(T, device=wpos.device).index_add_(0, pos, wpos) > 0).sum().float().clamp_min(1.0)
-    logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
-    h_batch = -(pbar * logp).sum() / n_pos
-    g = logp.add_(1.0).div_(-n_pos)                                    # in place: one [T, V] buffer
-    return h_batch, g
+            w = wrow[s:e, None]
+            sums.index_add_(0, pos[s:e], p.mul_(w).masked_fill_(w == 0, 0.0))
+    return sums
+
+
+def _bent_layout(mask, positions):
+    """mask [B, T] -> (m' [N] float32, group of each row [N] int64, G): "all": m' = mask, group t, G = T;
+    "last": m' = 1 at each row's last valid token, group 0, G = 1 (README, "Batch entropy")."""
+    B, T = mask.shape
+    if positions == "all":
+        return mask.float().reshape(-1), torch.arange(T, device=mask.device).repeat(B), T
+    return ref.last_token_mask(mask).float().reshape(-1), torch.zeros(B * T, dtype=torch.long, device=mask.device), 1
+
+
+def fused_linear_batch_probs(hidden, weight, mask, *, bias=None, temperature=1.0, positions="all", chunk_size=None):
+    """`fastrlhf.batch_probs(hidden @ weightᵀ + bias, mask, ...)` without the logits: the `BatchProbs`
+    (sums Σ_b m'·softmax(x/τ) and Σ_b m') of hidden [B, T, H], mask [B, T], no gradient. One GEMM pass over
+    the rows that count (the last tokens' only for positions "last")."""
+    _check_linear(hidden, weight, bias, chunk_size)
+    ops._check_temperature(temperature)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
+    _check_mask("mask", mask, hidden.shape[:2], hidden.device)
+    ops._check_choice("positions", positions, ref.BATCH_ENTROPY_POSITIONS)
+    h, m = ref.batch_entropy_rows(hidden.detach(), mask, positions)
+    m1, pos, G = _bent_layout(m, "all")
+    h2d = h.reshape(-1, h.shape[-1])
+    rows = chunk_size or choose_chunk_size(h2d.shape[0], weight.shape[0], hidden.device)
+    probs = _probs_sums(h2d, weight.detach(), None if bias is None else bias.detach(), m1, pos, G, float(temperature),
+                        rows)
+    return ref.BatchProbs(probs, m.float().sum(0), positions, temperature)
+
+
+def _batch_entropy_setup(hidden2d, weight, bias, mask, stats, temperature, rows):
+    """Batch entropy's constants for the main pass -> (g [G, V] = −(log p̄ + 1)/n_pos, w [N] = m'/count of
+    the row's group, group [N], 1/n_pos). stats None: p̄ of these rows (positions "all"), from a first pass;
+    else the mini-batch's `BatchProbs` (README, "Batch entropy")."""
+    m1, pos, G = _bent_layout(mask, "all" if stats is None else stats.positions)
+    if stats is None:
+        count = torch.zeros(G, device=mask.device).index_add_(0, pos, m1)           # Σ_b m_bt [T]
+        wpos = m1 / count.clamp_min(1.0)[pos]
+        pbar, n_pos = _probs_sums(hidden2d, weight, bias, wpos, pos, G, temperature, rows), (count > 0).sum().float()
+    else:
+        pbar, n_pos = stats.mean(), stats.n_groups()
+        wpos = m1 / stats.count.clamp_min(1.0)[pos]
+    inv = 1.0 / n_pos.clamp_min(1.0)
+    g = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar)).add_(1.0).mul_(-inv)   # one [G, V] buffer
+    return g, wpos, pos, inv
 
 
 def _batch_entropy_dz(p, g_rows, w_rows, temperature):
-    """∂H_batch/∂x for one chunk: w·p·(g − Σ_u p_u g_u)/τ with p = softmax(x/τ) [n, V] float32,
-    g_rows [n, V] (a fresh gather, overwritten), w_rows [n]; exactly 0 (selected) on masked rows (w = 0)."""
+    """∂H_batch/∂x for one chunk -> (w·p·(g − Σ_u p_u g_u)/τ [n, V], Σ_u p_u g_u [n, 1]) with
+    p = softmax(x/τ) [n, V] float32, g_rows [n, V] (a fresh gather, overwritten), w_rows [n]; exactly 0
+    (selected) on masked rows (w = 0). With g = −(log p̄ + 1)/n_pos this is the gradient of H_batch w.r.t.
+    row i for the p̄ of any batch holding it: ∂H(p̄)/∂p̄ = −(log p̄ + 1),
+    ∂p̄/∂z_i = w_i·(diag(p_i) − p_i p_iᵀ)."""
     pg = torch.bmm(p[:, None, :], g_rows[:, :, None]).view(-1, 1)
     w = w_rows[:, None]
-    return g_rows.sub_(pg).mul_(p).mul_(w / temperature).masked_fill_(w == 0, 0.0)
+    return g_rows.sub_(pg).mul_(p).mul_(w / temperature).masked_fill_(w == 0, 0.0), pg
 
 
 def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, rows, bent, grads):
-    """One pass over the token chunks -> (Σ_t w_t·loss_t, ℓ, H, KL); fills `grads` when not None.
-    bent = (g [T, V], wpos [N], pos [N]) when batch entropy is on."""
+    """One pass over the token chunks -> (Σ_t w_t·loss_t, ℓ, H, KL, H_part); fills `grads` when not None.
+    bent = `_batch_entropy_setup`'s (g, w, group, 1/n_pos) when batch entropy is on; then H_part =
+    Σ_i w_i·CE(p_i, p̄)/n_pos = Σ_i w_i·(Σ_v p_i,v g_v + 1/n_pos), these rows' part of H_batch (README,
+    "Batch entropy"; all of it when p̄ is theirs), else 0."""
     n = hidden2d.shape[0]
     row_core = ops.impl("policy_rows", hidden2d.device)
     torch_rows = _TorchRows(rows, weight.shape[0], hidden2d.device) if row_core is ref.policy_rows else None
     lp = torch.empty(n, dtype=torch.float32, device=hidden2d.device)
     ent, kl = torch.empty_like(lp), torch.empty_like(lp)
     total = torch.zeros((), dtype=torch.float32, device=hidden2d.device)
+    h_part = torch.zeros((), dtype=torch.float32, device=hidden2d.device)
     with torch.no_grad():
         for s in range(0, n, rows):
             e = min(n, s + rows)
@@ -331,15 +380,19 @@ def _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, row
                                                               ref_lp[s:e], cfg)
                 p = torch.softmax(x.float() / cfg.temperature, dim=-1) if bent is not None else None
             total += t
+            bent_dz = None
+            if bent is not None:
+                g, wpos, pos, inv = bent
+                bent_dz, pg = _batch_entropy_dz(p, g[pos[s:e]], wpos[s:e], cfg.temperature)
+                w = wpos[s:e]
+                h_part += torch.where(w > 0, w * (pg.view(-1) + inv), 0.0).sum()
             if grads is None:
                 continue
-            if bent is not None:
-                g, wpos, pos = bent
-                dz = dz.float()
-                dz.sub_(_batch_entropy_dz(p, g[pos[s:e]], wpos[s:e], cfg.temperature), alpha=cfg.batch_entropy_coef)
+            if bent_dz is not None:
+                dz = dz.float().sub_(bent_dz, alpha=cfg.batch_entropy_coef)
             # masked rows have dz = 0; their hidden states are selected out of grad_W too (NaN there: 0·NaN)
             grads.add(s, e, dz.to(h.dtype), torch.where((wts[s:e] > 0)[:, None], h, 0.0), weight)
-    return total, lp, ent, kl
+    return total, lp, ent, kl, h_part
 
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
@@ -347,12 +400,12 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg, rows, bent, accum_fp32):
         grads = _Grads(hidden2d, weight, bias, ctx.needs_input_grad[:3], accum_fp32)
-        total, lp, ent, kl = _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg,
-                                          rows, bent, grads)
+        total, lp, ent, kl, h_part = _policy_pass(hidden2d, weight, bias, labels, wts, adv, old, ref_lp, cfg,
+                                                  rows, bent, grads)
         ctx.grads = grads
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(lp, ent, kl)
-        return total, lp, ent, kl
+        ctx.mark_non_differentiable(lp, ent, kl, h_part)
+        return total, lp, ent, kl, h_part
 
     @staticmethod
     def backward(ctx, g_total, *_):
@@ -371,7 +424,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs, *,
                              bias=None, chunk_size=None, config=None, algo="ppo", temperature=1.0, clip_low=0.2,
                              clip_high=0.2, dual_clip=None, adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0,
-                             kl_estimator="k3", batch_entropy_coef=0.0, accum_fp32=None):
+                             kl_estimator="k3", batch_entropy_coef=0.0, accum_fp32=None, batch_probs=None):
     """`policy_loss_from_logits(hidden @ weightᵀ + bias, ...)` without holding the [N, V] logits.
 
     hidden [..., H] (batch entropy needs [B, T, H]), weight [V, H], bias [V] or None; labels, mask,
@@ -382,6 +435,9 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
     Gradients are computed during the forward pass (3 GEMMs per chunk) and only scaled in backward,
     so backward can run once per call. chunk_size: tokens per chunk (None: `choose_chunk_size`).
     accum_fp32: accumulate grad_W in float32 (None: when V ≥ 250k; always when weight is float32).
+    batch_probs: None or the `BatchProbs` of a mini-batch holding these rows (`fused_linear_batch_probs`,
+    summed over its micro-batches), as in `fastrlhf.policy_loss_from_logits`: the loss then carries this
+    call's part of the mini-batch's H_batch (exact gradient; weight 1 when summing micro-batches).
     """
     cfg = ref.loss_config(config, dict(
         algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
@@ -398,6 +454,7 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
         _check_first(name, t)
     if cfg.batch_entropy_coef and hidden.dim() != 3:
         raise ValueError(f"hidden: batch_entropy_coef needs 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
+    ops.check_batch_probs(batch_probs, cfg, hidden.shape[1] if hidden.dim() == 3 else 0, vocab, hidden.device)
 
     hidden2d = hidden.reshape(-1, width)
     n = hidden2d.shape[0]
@@ -409,28 +466,23 @@ def fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logpr
     rows = chunk_size or choose_chunk_size(n, vocab, hidden.device)
     needs = _needs(hidden, weight, bias)
 
-    bent, h_batch = None, None
+    bent = None
     if cfg.batch_entropy_coef:
-        B, T = mask.shape
-        count = mask.float().sum(0)                                       # Σ_b m_bt [T]
-        wpos = (mask.float() / count.clamp_min(1.0)).reshape(-1)          # m_bt / Σ_b m_bt [N]
-        pos = torch.arange(T, device=hidden.device).repeat(B)             # t of row b·T + t
-        h_batch, g = _batch_entropy_and_g(hidden2d, weight, bias, wpos, pos, T, cfg.temperature, rows)
-        bent = (g, wpos, pos)
+        bent = _batch_entropy_setup(hidden2d, weight, bias, mask, batch_probs, cfg.temperature, rows)
 
     if any(needs):
-        total, lp, ent, kl = _FusedLinearPolicyLoss.apply(hidden2d, weight, bias, labels1d, wts, *per_token,
-                                                          cfg, rows, bent, accum_fp32)
+        total, lp, ent, kl, h_part = _FusedLinearPolicyLoss.apply(hidden2d, weight, bias, labels1d, wts, *per_token,
+                                                                  cfg, rows, bent, accum_fp32)
     else:
-        total, lp, ent, kl = _policy_pass(hidden2d, weight, bias, labels1d, wts, *per_token, cfg, rows,
-                                          None, None)
+        total, lp, ent, kl, h_part = _policy_pass(hidden2d, weight, bias, labels1d, wts, *per_token, cfg, rows,
+                                                  bent, None)
     loss = total
     out = ref._loss_outputs(lp.view(shape), ent.view(shape), kl.view(shape), mask, old_logprobs,
                             ref_logprobs, advantages, cfg)
-    if h_batch is not None:
-        loss = loss - cfg.batch_entropy_coef * h_batch
-        out["batch_entropy"] = h_batch
+    if bent is not None:
+        loss = loss - cfg.batch_entropy_coef * h_part
+        out["batch_entropy"] = h_part if batch_probs is None else batch_probs.entropy()
     return loss, out
 
 
-__all__ = ["fused_linear_logprobs", "fused_linear_policy_loss", "choose_chunk_size"]
+__all__ = ["fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_batch_probs", "choose_chunk_size"]

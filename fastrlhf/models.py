@@ -7,7 +7,9 @@ critic), and the reference policy, with as few copies of the weights as the opti
 
     options                    policy                 reference                     critic
     use_peft                   base + LoRA adapter    same model, adapter disabled  value head on the trunk
-    use_peft + load_in_4bit/8  quantized base + LoRA  same model, adapter disabled  value head on the trunk
+                                                      (after a warm start: a frozen
+                                                      copy of the adapter, active)
+    use_peft + load_in_4bit/8  quantized base + LoRA  (as use_peft)                 value head on the trunk
     full fine-tuning           base                   frozen copy (8-bit with       value head on the trunk
                                                       ref_load_in_8bit)
     critic_model_name_or_path  (any of the above)     (as above)                    separate trunk (AutoModel,
@@ -15,6 +17,9 @@ critic), and the reference policy, with as few copies of the weights as the opti
                                                                                     LoRA/quantized like policy;
                                                                                     a one-label reward model's
                                                                                     score layer seeds the head
+    copy_critic(bundle)        (any of the above)     (as above)                    a copy of the policy's
+    (fastrlhf train --critic                                                        trunk + MLP value head
+    copy)
 
 `validate(cfg)` rejects bad combinations before any weight is created (it reads only configs and
 builds the architecture on the meta device to check LoRA target names). `values` and
@@ -24,6 +29,7 @@ optimizer `fastrlhf.optim`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import logging
@@ -47,6 +53,8 @@ ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 # Soemers' GPT-2 with the WordTokenizer (fastrlhf.padula.gpt2_config) at fastrlhf's CPU size or the paper's.
 BUILTIN_MODELS = ("tiny-llama", "padula-gpt2-cpu", "padula-gpt2")
 PADULA_SIZES = {"padula-gpt2-cpu": "cpu", "padula-gpt2": "paper"}  # builtin_model -> padula.GPT2_SIZES key
+# The frozen second LoRA adapter that holds the policy at the start of RL after a warm start (`reset_reference`).
+REFERENCE_ADAPTER = "reference"
 
 
 def _f(default, help):
@@ -72,7 +80,7 @@ class ModelConfig:
     # auto: flash_attention_2 when flash_attn imports and the device is CUDA with a 16-bit dtype, else sdpa.
     attn_implementation: str = _f("auto", "auto | flash_attention_2 | sdpa | eager")
     use_peft: bool = _f(False, "train LoRA adapters (peft) instead of all weights; the reference is the "
-                               "adapter-free base")
+                               "adapter-free base, or after a warm start a frozen copy of the warm-started adapter")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
@@ -107,15 +115,16 @@ class ModelConfig:
 class Bundle:
     """Everything the trainer needs from the models. `reference()` is a context manager yielding the
     reference policy (`with bundle.reference() as ref: ...`): the policy with its adapter disabled under
-    LoRA, else a frozen copy. Under LoRA the reference's log-probs equal the policy's bit for bit before
+    LoRA (after a warm start: with the frozen adapter `reference` active instead, `reset_reference`), else a
+    frozen copy. Under LoRA the reference's log-probs equal the policy's bit for bit before
     the first update when both are computed the same way: same train/eval mode and both under no_grad
     (bitsandbytes runs different kernels for each, ~1e-3 apart on CPU 4-bit). `value_head` is
     nn.Linear(H, 1) in fp32 (zero-initialized, so values start at 0) on the policy's trunk, or on
-    `critic`'s when there is one."""
+    `critic`'s when there is one (`mlp_value_head` on a `copy_critic` copy)."""
 
     policy: nn.Module
     tokenizer: object
-    value_head: nn.Linear
+    value_head: nn.Module
     critic: Optional[nn.Module]
     reference: Callable[[], ContextManager[nn.Module]]
     config: ModelConfig
@@ -467,7 +476,11 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
     if cfg.use_peft:
         @contextlib.contextmanager
         def reference():
-            with policy.disable_adapter():
+            if REFERENCE_ADAPTER not in policy.peft_config:   # no warm start: the base without the adapter
+                with policy.disable_adapter():
+                    yield policy
+                return
+            with _active_adapter(policy, REFERENCE_ADAPTER):   # after a warm start (`reset_reference`)
                 yield policy
     else:
         @contextlib.contextmanager
@@ -478,13 +491,140 @@ def load(cfg: ModelConfig, device: Union[str, torch.device] = "cpu") -> Bundle:
                   reference=reference, config=cfg, device=device, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _active_adapter(policy, name: str):
+    """Run the peft model `policy` with its adapter `name` active instead of "default". peft's set_adapter
+    also sets requires_grad (the active adapter trainable, the others frozen): every parameter's flag is put
+    back afterwards, so that what trains is unchanged."""
+    flags = [(p, p.requires_grad) for p in policy.parameters()]
+    policy.set_adapter(name)
+    try:
+        yield
+    finally:
+        policy.set_adapter("default")
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def reset_reference(bundle: Bundle) -> dict:
+    """Make the reference policy the policy as it is now: the policy at the start of RL, after a warm start
+    (fastrlhf.warm_start), so that the KL to it is exactly 0 at the first step. Returns the reference's
+    weights for a checkpoint (`load_reference`).
+
+    Full fine-tuning: the frozen copy gets the policy's weights (its whole state dict is returned). LoRA: the
+    warm-started adapter is copied into a second, frozen adapter `reference` on the same base, which
+    `bundle.reference()` then activates in place of the trained one; the base (quantized or not) is shared, so
+    the reference's log-probs equal the policy's bit for bit until the first update. Returned: that adapter's
+    peft state dict (no adapter name in its keys, small)."""
+    if not bundle.config.use_peft:
+        with bundle.reference() as ref_model:
+            ref_model.load_state_dict(bundle.policy.state_dict())
+            return {k: v.detach().cpu().clone() for k, v in ref_model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(bundle.policy, save_embedding_layers=False).items()}
+    load_reference(bundle, state)
+    return state
+
+
+def load_reference(bundle: Bundle, state: dict) -> None:
+    """Set the reference's weights from `state`, as `reset_reference` returned it (also from a checkpoint)."""
+    if not bundle.config.use_peft:
+        with bundle.reference() as ref_model:
+            ref_model.load_state_dict(state)
+        return
+    from peft import set_peft_model_state_dict
+
+    policy = bundle.policy
+    if REFERENCE_ADAPTER not in policy.peft_config:
+        flags = [(p, p.requires_grad) for p in policy.parameters()]
+        policy.add_adapter(REFERENCE_ADAPTER, policy.peft_config["default"])
+        for p, flag in flags:            # add_adapter may re-mark what trains: put every flag back
+            p.requires_grad_(flag)
+        for name, p in policy.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                p.requires_grad_(False)
+    result = set_peft_model_state_dict(policy, state, adapter_name=REFERENCE_ADAPTER)
+    if result.unexpected_keys:
+        raise ValueError(f"reference: adapter weights do not match the model: unexpected "
+                         f"{result.unexpected_keys[:3]}")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a peft model, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    """The decoder trunk (no LM head) of a causal LM, peft-wrapped or not: LlamaModel, GPT2Model, ..."""
+    lm = _causal_lm(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a causal LM (peft-wrapped or not), bottom first: the ModuleList of
+    config.num_hidden_layers modules in its trunk (`layers` in Llama / Qwen2 / GPT-NeoX, `h` in GPT-2)."""
+    lm = _causal_lm(model)
+    n = lm.config.num_hidden_layers
+    for mod in _trunk(model).modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise ValueError(f"model: no list of {n} transformer blocks found in {type(lm).__name__}")
+
+
+def freeze_bottom_blocks(model: nn.Module, num_layers_unfrozen: int) -> None:
+    """Train only the top `num_layers_unfrozen` transformer blocks (-1: all; 0: none): every parameter of
+    the blocks below stops training (the block's LoRA adapters under peft). Embeddings, the final norm and
+    the output layer are left as they are. As trlx's freeze_bottom_causal_layers (trlx/utils/modeling.py),
+    which APA's trainer applies to the policy only (accelerate_base_trainer.py setup_model)."""
+    if num_layers_unfrozen < 0:
+        return
+    blocks = decoder_blocks(model)
+    if num_layers_unfrozen > len(blocks):
+        raise ValueError(f"num_layers_unfrozen: expected -1 or 0..{len(blocks)} (the model's blocks), "
+                         f"got {num_layers_unfrozen}")
+    for block in list(blocks)[:len(blocks) - num_layers_unfrozen]:
+        block.requires_grad_(False)
+
+
+def mlp_value_head(hidden: int, device) -> nn.Sequential:
+    """trlx's make_head(hidden, 1) (trlx/utils/modeling.py), the value head of APA's critic
+    (modeling_sppo.py AutoModelForCausalLMWithValueHead: v_head = make_head(hidden_size, 1)): Linear(H, 2H),
+    ReLU, Linear(2H, 1), fp32, torch's default initialization (as there; seeded by the run's seed)."""
+    return nn.Sequential(nn.Linear(hidden, 2 * hidden, device=device, dtype=torch.float32), nn.ReLU(),
+                         nn.Linear(2 * hidden, 1, device=device, dtype=torch.float32))
+
+
+def copy_critic(bundle: Bundle) -> None:
+    """`--critic copy`: the critic becomes a separate copy of the policy's trunk (its LoRA adapters and
+    quantized base too, under peft; what trains in it is what trains in the policy) with `mlp_value_head`,
+    as APA's modeling_sppo.py (v_net = deepcopy(base_model), values from its last hidden state). The value
+    loss then trains the copy and never the policy. After a warm start, `sync_critic_copy` makes the copy
+    the warm-started policy's trunk again."""
+    trunk = _trunk(bundle.policy)
+    bundle.critic = copy.deepcopy(trunk)
+    bundle.value_head = mlp_value_head(_causal_lm(bundle.policy).config.hidden_size, bundle.device)
+
+
+def sync_critic_copy(bundle: Bundle) -> None:
+    """Copy the policy's trunk into the `copy_critic` critic again (its trainable parameters, the only ones
+    a warm start can have changed), so the critic starts RL from the policy at the start of RL."""
+    source = dict(_trunk(bundle.policy).named_parameters())
+    with torch.no_grad():
+        for name, p in bundle.critic.named_parameters():
+            if p.requires_grad:
+                p.copy_(source[name])
+
+
 def values(bundle: Bundle, hidden_states: torch.Tensor) -> torch.Tensor:
     """Values [B, T] (fp32) from final hidden states [B, T, H] of the value head's trunk: the policy's
-    (e.g. `fastrlhf.hf.hidden_states(policy, ...)`) or, with a critic, `critic_hidden_states(...)`."""
+    (e.g. `fastrlhf.hf.hidden_states(policy, ...)`) or, with a critic, `critic_hidden_states(...)`. The head
+    is nn.Linear(H, 1), or `mlp_value_head` with `--critic copy`."""
     head = bundle.value_head
-    if hidden_states.shape[-1] != head.in_features:
-        raise ValueError(f"hidden_states: expected last dim {head.in_features}, got {tuple(hidden_states.shape)}")
-    return head(hidden_states.to(head.weight.dtype)).squeeze(-1)
+    first = head[0] if isinstance(head, nn.Sequential) else head
+    if hidden_states.shape[-1] != first.in_features:
+        raise ValueError(f"hidden_states: expected last dim {first.in_features}, got {tuple(hidden_states.shape)}")
+    return head(hidden_states.to(first.weight.dtype)).squeeze(-1)
 
 
 def critic_hidden_states(bundle: Bundle, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

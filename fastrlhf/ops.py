@@ -26,7 +26,7 @@ from .checks import MIN_TEMPERATURE
 from .checks import choice as _check_choice
 from .checks import number as _number
 from .checks import temperature as _check_temperature
-from .ref import KL_ESTIMATORS, LossConfig
+from .ref import BATCH_ENTROPY_POSITIONS, KL_ESTIMATORS, BatchProbs, LossConfig
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -40,6 +40,8 @@ _IMPLS = {
                     "triton": "fastrlhf.kernels.policy_loss:policy_rows"},
     "batch_entropy": {"torch": "fastrlhf.ref:batch_entropy",
                       "triton": "fastrlhf.kernels.batch_entropy:batch_entropy"},
+    "batch_probs": {"torch": "fastrlhf.ref:batch_probs",
+                    "triton": "fastrlhf.kernels.batch_entropy:batch_probs"},
     "gae": {"torch": "fastrlhf.ref:gae", "ext": "fastrlhf.extension:gae"},
     "sample_tokens": {"torch": "fastrlhf.ref:sample_tokens", "ext": "fastrlhf.extension:sample_tokens"},
 }
@@ -316,10 +318,49 @@ def batch_entropy(logits, mask, *, temperature=1.0):
     return impl("batch_entropy", logits.device)(logits, mask, temperature=temperature)
 
 
+def batch_probs(logits, mask, *, temperature=1.0, positions="all"):
+    """logits [B, T, V], mask [B, T] -> `BatchProbs`: the batch-entropy statistics of these rows as sums
+    (Σ_b m'·softmax(logits/τ) [G, V] and Σ_b m' [G]; G = T for positions "all", 1 for "last": each row's last
+    valid token), no gradient. Add the micro-batches' (`+`) and pass the sum as `batch_probs=` to each
+    micro-batch's policy loss: H_batch is then the mini-batch's, exactly (README, "Batch entropy")."""
+    _check_logits(logits, "[B, T, V]")
+    temperature = _check_temperature(temperature)
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected 3 dims [B, T, V], got shape {tuple(logits.shape)}")
+    _check_mask("mask", mask, logits.shape[:2], logits.device)
+    _check_choice("positions", positions, BATCH_ENTROPY_POSITIONS)
+    return impl("batch_probs", logits.device)(logits, mask, temperature=temperature, positions=positions)
+
+
+def check_batch_probs(stats, cfg: LossConfig, T: int, V: int, device):
+    """`batch_probs=` of a policy loss over T response positions and V tokens: None, or a `BatchProbs` at
+    the loss's temperature on its device, [G, V] with G >= T ("all") or G = 1 ("last"); only with batch
+    entropy on. Shapes and Python values only."""
+    if stats is None:
+        return
+    if not isinstance(stats, BatchProbs):
+        raise TypeError(f"batch_probs: expected None or a fastrlhf.BatchProbs, got {type(stats).__name__}")
+    if not cfg.batch_entropy_coef:
+        raise ValueError("batch_probs: expected None with batch_entropy_coef=0 (nothing reads it), got BatchProbs")
+    if stats.temperature != cfg.temperature:
+        raise ValueError(f"batch_probs: expected statistics at the loss's temperature {cfg.temperature}, got "
+                         f"{stats.temperature}")
+    G = stats.count.shape[0] if stats.count.dim() == 1 else -1
+    need = f"[G >= {T}, {V}]" if stats.positions == "all" else f"[1, {V}]"
+    ok = G >= T if stats.positions == "all" else G == 1
+    if not (ok and tuple(stats.probs.shape) == (G, V) and stats.probs.dtype == torch.float32
+            and stats.count.dtype == torch.float32):
+        raise ValueError(f"batch_probs: expected float32 probs {need} and count [G] (positions="
+                         f"{stats.positions!r}), got probs {tuple(stats.probs.shape)} {stats.probs.dtype}, count "
+                         f"{tuple(stats.count.shape)} {stats.count.dtype}")
+    if stats.probs.device != device or stats.count.device != device:
+        raise ValueError(f"batch_probs: expected tensors on {device}, got {stats.probs.device}")
+
+
 def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, *, config=None,
                             algo="ppo", temperature=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
                             adv_coeff=10.0, entropy_coef=0.0, kl_coef=0.0, kl_estimator="k3",
-                            batch_entropy_coef=0.0, inplace=False):
+                            batch_entropy_coef=0.0, inplace=False, batch_probs=None):
     """The one call a trainer needs per micro-batch.
 
     logits [..., V] (batch entropy needs [B, T, V]); labels, mask, advantages, old/ref log-probs [...].
@@ -334,6 +375,11 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     [N, V] buffer; `logits` must be contiguous and is garbage afterwards; not with batch_entropy_coef).
     Differentiable w.r.t. logits only: advantages and old/ref log-probs are constants (rollout data) on
     the Triton path; the torch reference gives their autograd gradients.
+    batch_probs: None (H_batch over these rows, every position) or the `BatchProbs` of a mini-batch that
+    holds these rows (`fastrlhf.batch_probs`, summed over its micro-batches; its positions "all" or "last"
+    apply): H_batch in the loss is then this call's part of the mini-batch's, whose values add up to it
+    over the micro-batches and whose gradient is exact, so sum the micro-batches' batch-entropy terms with
+    weight 1 (README, "Batch entropy"); out["batch_entropy"] is the mini-batch's H_batch.
     """
     cfg = ref.loss_config(config, dict(
         algo=algo, temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
@@ -354,8 +400,10 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
                          f"entropy re-reads the logits in backward), got True")
     if inplace and not logits.is_contiguous():
         raise ValueError(f"inplace: expected contiguous logits, got strides {logits.stride()}")
+    check_batch_probs(batch_probs, cfg, logits.shape[1] if logits.dim() == 3 else 0, logits.shape[-1], logits.device)
     fn = impl("policy_loss_from_logits", logits.device)
-    return fn(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg, inplace=inplace)
+    return fn(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg, inplace=inplace,
+              batch_probs=batch_probs)
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):

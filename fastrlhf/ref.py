@@ -233,18 +233,25 @@ def _position_chunks(T: int, B: int, V: int):
         yield start, min(T, start + cols)
 
 
-def _softmax_and_batch_mean(x, mask, temperature):
-    """x [B, t, V], mask [B, t] -> (p [B, t, V], p̄ [t, V], Σ_b m [t]) float32, p = softmax(x/τ) and
-    p̄ = Σ_b m_b·p_b / Σ_b m_b with masked rows selected out (NaN logits there never reach p̄)."""
+def _softmax_and_batch_mean(x, mask, temperature, weight=None):
+    """x [B, t, V], mask [B, t] -> (p [B, t, V], Σ_b w_b·p_b [t, V], Σ_b m [t]) float32, p = softmax(x/τ),
+    w = m / Σ_b m (so the sum is p̄), or w = m / `weight` [t] when given; masked rows are selected out
+    (NaN logits there never reach the sum)."""
     p = torch.softmax(x.float() / temperature, dim=-1)
     keep = mask.bool()
     count = keep.sum(0).float()                                   # [t]
-    pbar = torch.where(keep[:, :, None], p, 0.0).sum(0) / count.clamp_min(1.0)[:, None]
+    norm = count if weight is None else weight
+    pbar = torch.where(keep[:, :, None], p, 0.0).sum(0) / norm.clamp_min(1.0)[:, None]
     return p, pbar, count
 
 
 def _xlogx_sum(pbar):
     return torch.where(pbar > 0, pbar * torch.log(pbar), torch.zeros_like(pbar)).sum(-1)
+
+
+def _safe_log(pbar):
+    """log p̄, taken as 0 where p̄ = 0 (0·log 0 = 0; there every row's p is 0 too)."""
+    return torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
 
 
 class _BatchEntropy(torch.autograd.Function):
@@ -253,40 +260,156 @@ class _BatchEntropy(torch.autograd.Function):
 
     Gradient (README, "Batch entropy"): g_v = −(log p̄_{t,v} + 1)/n_pos,
     ∂/∂z_{bt,v} = (m_bt/Σ_b m_bt)·p_{bt,v}·(g_v − Σ_u p_{bt,u} g_u), times 1/τ for raw logits.
+
+    stats = (p̄ [G ≥ T, V], Σ_b m [G], n_pos) of a larger batch these rows belong to (a mini-batch's, from
+    `batch_probs`), or None (these rows are the batch). With stats the value is these rows' part of that
+    batch's H_batch, (1/n_pos)·Σ_{b,t} w_bt·CE(p_bt, p̄_t), w_bt = m_bt/Σ_b m_bt, CE(p, q) = −Σ_v p_v log q_v:
+    since Σ_b w_bt·p_bt = p̄_t, the parts of all the rows add up to H_batch, and the gradient of a part
+    w.r.t. row (b, t) is the formula above (it depends on p̄_t and p_bt only), so it is exact.
     """
 
     @staticmethod
-    def forward(ctx, logits, mask, temperature):
+    def forward(ctx, logits, mask, temperature, stats):
         B, T, V = logits.shape
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        n_pos = (mask.bool().sum(0) > 0).sum().float()
+        n_pos = (mask.bool().sum(0) > 0).sum().float() if stats is None else stats[2]
         for s, e in _position_chunks(T, B, V):
-            _, pbar, count = _softmax_and_batch_mean(logits[:, s:e], mask[:, s:e], temperature)
-            total += torch.where(count > 0, -_xlogx_sum(pbar), torch.zeros_like(count)).sum()
-        ctx.save_for_backward(logits, mask, n_pos)
+            if stats is None:
+                _, pbar, count = _softmax_and_batch_mean(logits[:, s:e], mask[:, s:e], temperature)
+                total += torch.where(count > 0, -_xlogx_sum(pbar), torch.zeros_like(count)).sum()
+            else:   # Σ_b w_bt·CE(p_bt, p̄_t) = −Σ_v (Σ_b w_bt p_bt,v)·log p̄_t,v
+                _, part, _ = _softmax_and_batch_mean(logits[:, s:e], mask[:, s:e], temperature, stats[1][s:e])
+                total -= (part * _safe_log(stats[0][s:e])).sum()
+        ctx.save_for_backward(logits, mask, n_pos, *(() if stats is None else stats[:2]))
         ctx.temperature = temperature
         return total / n_pos.clamp_min(1.0)
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, mask, n_pos = ctx.saved_tensors
+        logits, mask, n_pos, *stats = ctx.saved_tensors
         B, T, V = logits.shape
         grad = torch.empty_like(logits)
         for s, e in _position_chunks(T, B, V):
             p, pbar, count = _softmax_and_batch_mean(logits[:, s:e], mask[:, s:e], ctx.temperature)
-            logp = torch.where(pbar > 0, torch.log(pbar), torch.zeros_like(pbar))
-            g = -(logp + 1.0) / n_pos.clamp_min(1.0) * grad_out.float()       # [t, V]
+            if stats:
+                pbar, count = stats[0][s:e], stats[1][s:e]
+            g = -(_safe_log(pbar) + 1.0) / n_pos.clamp_min(1.0) * grad_out.float()       # [t, V]
             keep = mask[:, s:e].bool()
             w = keep.float() / count.clamp_min(1.0)                              # [B, t]
             pg = (p * g[None]).sum(-1, keepdim=True)                              # [B, t, 1]
             dz = w[:, :, None] * p * (g[None] - pg) / ctx.temperature
             grad[:, s:e] = torch.where(keep[:, :, None], dz, 0.0).to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def batch_entropy(logits, mask, *, temperature=1.0):
-    """logits [B, T, V], mask [B, T] -> scalar float32 H_batch (0 when the mask is empty)."""
-    return _BatchEntropy.apply(logits, mask, float(temperature))
+def batch_entropy(logits, mask, *, temperature=1.0, stats=None):
+    """logits [B, T, V], mask [B, T] -> scalar float32 H_batch (0 when the mask is empty); with
+    stats = (p̄, count, n_pos) of a larger batch, these rows' part of its H_batch (`_BatchEntropy`)."""
+    return _BatchEntropy.apply(logits, mask, float(temperature), stats)
+
+
+# ----------------------------------------------------------------------------
+# Batch-entropy statistics of a mini-batch, accumulated micro-batch by micro-batch
+# ----------------------------------------------------------------------------
+
+# Which response positions batch entropy averages (README, "Batch entropy"): "all" = every position t,
+# one p̄_t each; "last" = each row's last valid token, one p̄ over the rows (Padula & Soemers' definition).
+BATCH_ENTROPY_POSITIONS = ("all", "last")
+
+
+@dataclass(frozen=True)
+class BatchProbs:
+    """Batch-entropy statistics of a set of rows, as sums, so that they add up over micro-batches (`+`)
+    and could be all-reduced over processes (README, "Batch entropy"):
+
+        probs [G, V] float32   Σ_b m'_bg·softmax(x_bg/τ)
+        count [G] float32      Σ_b m'_bg
+
+    positions "all": G = T response positions, m' = the mask; "last": G = 1, m'_b = 1 at row b's last
+    valid token (rows without one count for nothing). temperature: the τ of the softmax."""
+
+    probs: torch.Tensor
+    count: torch.Tensor
+    positions: str = "all"
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        checks.choice("positions", self.positions, BATCH_ENTROPY_POSITIONS)
+        object.__setattr__(self, "temperature", checks.temperature(self.temperature))
+
+    def __add__(self, other: "BatchProbs") -> "BatchProbs":
+        """The statistics of both sets of rows; G is the larger one's (a micro-batch cut to its own longest
+        response has fewer positions: the missing ones hold zeros)."""
+        if not isinstance(other, BatchProbs):
+            return NotImplemented
+        if (other.positions, other.temperature, other.probs.shape[1:]) != (
+                self.positions, self.temperature, self.probs.shape[1:]):
+            raise ValueError(f"other: expected BatchProbs with positions={self.positions!r}, temperature="
+                             f"{self.temperature}, V={self.probs.shape[1]}, got positions={other.positions!r}, "
+                             f"temperature={other.temperature}, V={other.probs.shape[1]}")
+        big, small = (self, other) if self.count.shape[0] >= other.count.shape[0] else (other, self)
+        g = small.count.shape[0]
+        probs, count = big.probs.clone(), big.count.clone()
+        probs[:g] += small.probs
+        count[:g] += small.count
+        return BatchProbs(probs, count, self.positions, self.temperature)
+
+    def mean(self) -> torch.Tensor:
+        """p̄ [G, V] = probs / count (zeros where count = 0)."""
+        return self.probs / self.count.clamp_min(1.0)[:, None]
+
+    def n_groups(self) -> torch.Tensor:
+        """n_pos: the number of positions (groups) with a valid token, float32 0-d."""
+        return (self.count > 0).sum().float()
+
+    def entropy(self) -> torch.Tensor:
+        """H_batch = (1/n_pos)·Σ_{g: count_g > 0} H(p̄_g), float32 0-d (0 when no row counts)."""
+        h = -_xlogx_sum(self.mean())
+        return torch.where(self.count > 0, h, torch.zeros_like(h)).sum() / self.n_groups().clamp_min(1.0)
+
+
+def last_token_mask(mask):
+    """mask [B, T] -> [B, T] bool, True at each row's last valid position (none for an empty row)."""
+    keep = mask.bool()
+    T = keep.shape[1]
+    last = T - 1 - keep.flip(1).int().argmax(1)                          # index of the last 1 (T−1 if none)
+    return (torch.arange(T, device=keep.device)[None, :] == last[:, None]) & keep.any(1, keepdim=True)
+
+
+def batch_entropy_rows(x, mask, positions):
+    """The rows batch entropy reads: "all": x [B, T, ...], mask [B, T]; "last": each row's last valid
+    position, x [B, 1, ...], mask [B, 1] (0 for a row without one). Differentiable (an index)."""
+    if positions == "all":
+        return x, mask
+    last = last_token_mask(mask)
+    return x[torch.arange(x.shape[0], device=x.device), last.int().argmax(1)][:, None], last.any(1, keepdim=True)
+
+
+def batch_probs(logits, mask, *, temperature=1.0, positions="all"):
+    """logits [B, T, V], mask [B, T] -> their `BatchProbs` (no gradient)."""
+    x, m = batch_entropy_rows(logits, mask, positions)
+    keep = m.bool()
+    probs = torch.zeros(x.shape[1], x.shape[2], dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        for s, e in _position_chunks(x.shape[1], x.shape[0], x.shape[2]):
+            p = torch.softmax(x[:, s:e].float() / temperature, dim=-1)
+            probs[s:e] = torch.where(keep[:, s:e, None], p, 0.0).sum(0)
+    return BatchProbs(probs, keep.sum(0).float(), positions, temperature)
+
+
+def batch_entropy_term(batch_entropy_fn, logits, mask, temperature, stats):
+    """The batch-entropy term of a policy loss over logits [B, T, V] -> (term, H_batch to report), with
+    `batch_entropy_fn` one backend's `batch_entropy`. stats None: H_batch of these rows (positions "all"),
+    reported as is; a `BatchProbs`: these rows' part of the H_batch of `stats`' rows (a mini-batch
+    holding them; `_BatchEntropy`), whose H_batch is reported."""
+    if stats is None:
+        h = batch_entropy_fn(logits, mask, temperature=temperature)
+        return h, h.detach()
+    x, m = batch_entropy_rows(logits, mask, stats.positions)
+    t = x.shape[1]
+    part = batch_entropy_fn(x, m, temperature=temperature,
+                            stats=(stats.mean()[:t].contiguous(), stats.count[:t].contiguous(), stats.n_groups()))
+    return part, stats.entropy()
 
 
 # ----------------------------------------------------------------------------
@@ -421,13 +544,15 @@ class _PolicyLossFromLogits(torch.autograd.Function):
 
 
 def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: LossConfig, *,
-                            inplace=False):
+                            inplace=False, batch_probs=None):
     """loss = masked mean of (policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch.
 
     logits [..., V] (batch entropy needs [B, T, V]); the other tensors [...]. Returns (loss, out)
     with out holding detached per-token `logprobs`, `entropy`, `kl` and scalar stats. inplace=True
     writes the logits gradient over `logits` (checked by `fastrlhf.ops`: contiguous logits, no batch entropy).
     Masked positions may hold anything: selected out of every value and gradient.
+    batch_probs: None (H_batch of these rows) or the `BatchProbs` of a mini-batch holding them (checked by
+    `fastrlhf.ops`): H_batch is then replaced by these rows' part of the mini-batch's (`batch_entropy_term`).
 
     Gradients: w.r.t. the logits, computed in forward (`_PolicyLossFromLogits`). When advantages or
     old/ref log-probs require grad too, the loss is instead plain autograd through `logprobs_and_entropy`
@@ -449,9 +574,8 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     out = _loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask,
                         old_logprobs, ref_logprobs, advantages, cfg)
     if cfg.batch_entropy_coef:
-        h_batch = batch_entropy(logits, mask, temperature=cfg.temperature)
-        loss = loss - cfg.batch_entropy_coef * h_batch
-        out["batch_entropy"] = h_batch.detach()
+        h_term, out["batch_entropy"] = batch_entropy_term(batch_entropy, logits, mask, cfg.temperature, batch_probs)
+        loss = loss - cfg.batch_entropy_coef * h_term
     return loss, out
 
 
@@ -550,5 +674,6 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
 __all__ = [
     "LossConfig", "POLICY_LOSSES", "loss_config", "KL_ESTIMATORS", "masked_mean", "logprobs_and_entropy", "token_logprobs",
     "token_entropy", "kl_penalty", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_entropy",
-    "token_loss", "policy_rows", "policy_loss_from_logits", "gae", "whiten", "sample_tokens",
+    "token_loss", "policy_rows", "policy_loss_from_logits", "gae", "whiten", "sample_tokens", "BatchProbs",
+    "BATCH_ENTROPY_POSITIONS", "batch_probs",
 ]

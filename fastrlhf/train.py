@@ -31,16 +31,18 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed, metrics, ops
-from .algos import AdaptiveKL, RunningMoments, advantages_and_returns, scale_scores, token_rewards
+from .algos import (AdaptiveKL, RunningMoments, advantages_and_returns, normalize_advantages, scale_scores,
+                    token_rewards)
 from .config import TrainConfig, parse_args
 from .distributed import Dist
-from .fused_linear import fused_linear_policy_loss
+from .fused_linear import fused_linear_batch_probs, fused_linear_policy_loss
 from .generation import draw_lengths, generate, strip_stop
 from .hf import output_layer
 from .memory import PhaseMemory, out_of_memory_message, plan_memory
-from .models import Bundle, load
+from .models import Bundle, copy_critic, freeze_bottom_blocks, load
 from .optim import make_optimizer
 from .passes import nll, response_logprobs_and_entropy, sequence_hidden_states, value_forward
+from .ref import BatchProbs
 from .rewards import make_reward, scores_tensor
 from .sequences import encode_prompts, pad_rows
 from .tasks import load_prompts, make_task
@@ -191,6 +193,9 @@ def setup(cfg: TrainConfig, dist: Optional[Dist] = None) -> Run:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     bundle = load(cfg.model, device)
+    if cfg.critic == "copy":
+        copy_critic(bundle)
+    freeze_bottom_blocks(bundle.policy, cfg.num_layers_unfrozen)
     parallel = distributed.shard(dist, bundle) if cfg.fsdp else None     # before the optimizer takes the params
     task = distributed.shard_task(make_task(cfg.task, digits=cfg.digits, operators=cfg.operators,
                                             prompts_file=cfg.prompts), dist)
@@ -241,7 +246,8 @@ class Rollout:
     old_logprobs [B, n] f32    the policy's log-probs of the labels before the update (no-grad pass)
     ref_logprobs [B, n] f32    the reference's
     old_values [B, n] f32      the values before the update
-    advantages [B, n] f32      GAE advantages, whitened (and clipped) (README, "Advantages and rewards")
+    advantages [B, n] f32      GAE advantages, whitened (and clipped) (README, "Advantages and rewards");
+                               with --whiten_scope minibatch not yet: `update` does it per mini-batch
     returns [B, n] f32         value targets R = A + V (A before whitening)
     entropy [B, n] f32         the policy's per-token entropy at the sampling temperature
     raw_scores [B] f32         the reward of each response
@@ -358,8 +364,10 @@ def rollout(run: Run, prompts) -> Rollout:
         old_lp, entropy, old_values, ref_lp = scoring_passes(run, seq, attn, P, labels)
     beta = shaping.kl_ctl.value if cfg.kl_in == "reward" else 0.0
     rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_coef=beta, estimator=cfg.kl_estimator)
+    later = per_minibatch_whitening(cfg)   # then `update` whitens and clips each mini-batch's advantages
     adv, returns = advantages_and_returns(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                          whiten=cfg.whiten_advantages, clip=cfg.adv_clip, whiten_fn=run.dist.whiten)
+                                          whiten=cfg.whiten_advantages and not later,
+                                          clip=None if later else cfg.adv_clip, whiten_fn=run.dist.whiten)
     m = mask.float()
     return Rollout(input_ids=seq, attn=attn, P=P, mask=mask, labels=labels, old_logprobs=old_lp, ref_logprobs=ref_lp,
                    old_values=old_values, advantages=adv, returns=returns, entropy=entropy, raw_scores=raw,
@@ -371,6 +379,22 @@ def rollout(run: Run, prompts) -> Rollout:
 # Update: epochs of micro-batches
 # ----------------------------------------------------------------------------------------------------
 
+def per_minibatch_whitening(cfg: TrainConfig) -> bool:
+    """Whether advantages are whitened (and clipped) per optimizer step's mini-batch, not per rollout. With
+    one mini-batch per epoch the two scopes hold the same rows: the rollout is whitened once."""
+    return bool(cfg.whiten_advantages) and cfg.whiten_scope == "minibatch" and cfg.num_mini_batches > 1
+
+
+def minibatch_advantages(cfg: TrainConfig, roll: Rollout, mini: torch.Tensor, whiten_fn=ops.whiten) -> Rollout:
+    """`roll` with the advantages of its rows `mini` whitened over those rows' valid tokens together (and
+    clipped to ±adv_clip), for --whiten_scope minibatch (README, "Advantages and rewards"); `whiten_fn`: on
+    several processes `Dist.whiten`, over every rank's mini-batch."""
+    adv = roll.advantages.clone()
+    adv[mini] = normalize_advantages(roll.advantages[mini], roll.mask[mini], whiten=True, clip=cfg.adv_clip,
+                                     whiten_fn=whiten_fn)
+    return dataclasses.replace(roll, advantages=adv)
+
+
 def loss_config(run: Run) -> ops.LossConfig:
     cfg = run.cfg
     return ops.LossConfig(
@@ -381,11 +405,12 @@ def loss_config(run: Run) -> ops.LossConfig:
 
 
 def policy_forward(hidden, weight, bias, labels, mask, advantages, old_logprobs, ref_logprobs,
-                   loss_cfg: ops.LossConfig, chunk_size=None):
+                   loss_cfg: ops.LossConfig, chunk_size=None, batch_probs=None):
     """The policy loss of one micro-batch from hidden states [B, n, H] -> (loss, out dict), on the
-    fused linear path (the [B, n, V] logits are never materialized)."""
+    fused linear path (the [B, n, V] logits are never materialized); batch_probs: the mini-batch's
+    batch-entropy statistics (`fused_linear_policy_loss`)."""
     return fused_linear_policy_loss(hidden, weight, labels, mask, advantages, old_logprobs, ref_logprobs,
-                                    bias=bias, chunk_size=chunk_size, config=loss_cfg)
+                                    bias=bias, chunk_size=chunk_size, config=loss_cfg, batch_probs=batch_probs)
 
 
 def ptx_loss(run: Run, n: int) -> torch.Tensor:
@@ -398,22 +423,65 @@ def ptx_loss(run: Run, n: int) -> torch.Tensor:
     return nll(run.bundle.policy, ids, attn, 1, attn[:, 1:])
 
 
-def micro_batch_loss(run: Run, mb: Rollout, loss_cfg):
-    """Policy + value (+ ptx) loss of the micro-batch `mb` (rows of the rollout, `Rollout.rows`)."""
+def micro_batch_loss(run: Run, mb: Rollout, loss_cfg, batch_probs: Optional[BatchProbs] = None):
+    """Policy + value (+ ptx) loss of the micro-batch `mb` (rows of the rollout, `Rollout.rows`).
+
+    With batch entropy on, its statistics are `batch_probs` (the mini-batch's, `mini_batch_probs`), else this
+    micro-batch's own, from its forward (one GEMM pass): the policy loss then carries this micro-batch's part
+    of the mini-batch's H_batch (README, "Batch entropy"). During the first --critic_warmup_steps RL steps
+    only the value loss trains: the policy loss is computed without gradient (for its statistics) and the
+    shared trunk's hidden states reach the value head detached."""
     cfg, bundle, P, n = run.cfg, run.bundle, mb.P, mb.mask.shape[1]
+    critic_only = run.step < cfg.critic_warmup_steps      # run.step: the RL steps completed before this one
     weight, bias = output_layer(bundle.policy)
     with run.autocast():
-        h = sequence_hidden_states(bundle.policy, mb.input_ids, mb.attn)[:, P - 1:P - 1 + n]
-        pg_loss, out = policy_forward(h, weight, bias, mb.labels, mb.mask, mb.advantages, mb.old_logprobs,
-                                      mb.ref_logprobs, loss_cfg, run.sizes.loss_chunk)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not critic_only):
+            h = sequence_hidden_states(bundle.policy, mb.input_ids, mb.attn)[:, P - 1:P - 1 + n]
+            if loss_cfg.batch_entropy_coef and batch_probs is None:
+                batch_probs = fused_linear_batch_probs(h, weight, mb.mask, bias=bias, temperature=cfg.temperature,
+                                                       positions=cfg.batch_entropy_positions,
+                                                       chunk_size=run.sizes.loss_chunk)
+            pg_loss, out = policy_forward(h, weight, bias, mb.labels, mb.mask, mb.advantages, mb.old_logprobs,
+                                          mb.ref_logprobs, loss_cfg, run.sizes.loss_chunk, batch_probs)
         v = value_forward(bundle, mb.input_ids, mb.attn, h, P, n)
         v_loss, v_stats = ops.value_loss(v.float(), mb.old_values, mb.returns, mb.mask.float(),
                                          clip=cfg.cliprange_value)
-        loss = pg_loss + cfg.vf_coef * v_loss
-        if cfg.ptx_coef > 0:
+        loss = cfg.vf_coef * v_loss if critic_only else pg_loss + cfg.vf_coef * v_loss
+        if cfg.ptx_coef > 0 and not critic_only:
             loss = loss + cfg.ptx_coef * ptx_loss(run, mb.input_ids.shape[0])
-    return loss, {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "clip_frac": out["clip_frac"],
-                  "approx_kl": out["approx_kl"], "value_clip_frac": v_stats["value_clip_frac"]}
+    stats = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "clip_frac": out["clip_frac"],
+             "approx_kl": out["approx_kl"], "value_clip_frac": v_stats["value_clip_frac"]}
+    if loss_cfg.batch_entropy_coef:
+        stats["batch_entropy"] = out["batch_entropy"]          # the mini-batch's H_batch
+    return loss, stats
+
+
+@torch.no_grad()
+def mini_batch_probs(run: Run, roll: Rollout, mini: torch.Tensor) -> Optional[BatchProbs]:
+    """The batch-entropy statistics of the mini-batch `mini` (rows of the rollout): a no-grad forward of
+    each of its micro-batches at the current weights, summed (README, "Batch entropy"). None when batch
+    entropy is off, or when the mini-batch is one micro-batch on one process (its loss forward gives them: no
+    extra pass). On several processes the sums are every rank's (`Dist.batch_probs`). The forward runs in
+    the update's mode, as the loss's does (dropout, where a model has it, draws anew)."""
+    cfg = run.cfg
+    if not cfg.batch_entropy_coef or (len(mini) <= run.sizes.micro_batch and not run.dist.active):
+        return None
+    return run.dist.batch_probs(distributed.gathered(run.parallel, _batch_probs, run, roll, mini))
+
+
+def _batch_probs(run: Run, roll: Rollout, mini: torch.Tensor) -> BatchProbs:
+    cfg = run.cfg
+    weight, bias = output_layer(run.bundle.policy)
+    total = None
+    for idx in mini.split(run.sizes.micro_batch):
+        mb = roll.rows(idx)
+        n = mb.mask.shape[1]
+        with run.autocast():
+            h = sequence_hidden_states(run.bundle.policy, mb.input_ids, mb.attn)[:, mb.P - 1:mb.P - 1 + n]
+            part = fused_linear_batch_probs(h, weight, mb.mask, bias=bias, temperature=cfg.temperature,
+                                            positions=cfg.batch_entropy_positions, chunk_size=run.sizes.loss_chunk)
+        total = part if total is None else total + part
+    return total
 
 
 def accumulate_gradients(run: Run, roll: Rollout, mini: torch.Tensor, loss_cfg) -> list:
@@ -422,15 +490,27 @@ def accumulate_gradients(run: Run, roll: Rollout, mini: torch.Tensor, loss_cfg) 
     The loss is the masked mean over all response tokens of the mini-batch (on several processes, of every
     rank's mini-batch: `Dist.loss_tokens`): each micro-batch's masked mean is weighted by its share of
     those tokens, so the gradient does not depend on the micro-batch size or the number of processes.
-    The batch-entropy term's p̄ is a micro-batch's (README, "Batch entropy"), on each rank its own.
+    Batch entropy is the mini-batch's H_batch, whatever the micro-batch size (on several processes, the
+    mini-batch of every rank: `mini_batch_probs` sums the statistics over the ranks): with several
+    micro-batches, `mini_batch_probs` gives the mini-batch's p̄ first, and each micro-batch's loss carries its
+    part of H_batch (the parts add up to it and their gradients are exact), which enters with weight 1: its
+    coefficient is divided by the token share that the whole micro-batch loss is multiplied by (and
+    multiplied by the number of processes, whose gradients DDP averages).
     """
     stats = []
-    tokens = run.dist.loss_tokens(roll.mask[mini].sum()).clamp_min(1)
+    dist = run.dist
+    tokens = dist.loss_tokens(roll.mask[mini].sum()).clamp_min(1)
+    batch_probs = mini_batch_probs(run, roll, mini)
     micro = mini.split(run.sizes.micro_batch)
     for i, idx in enumerate(micro):
+        share = roll.mask[idx].sum() / tokens
+        cfg_mb = loss_cfg
+        if batch_probs is not None and bool(share > 0):   # a share of 0: no valid row, no part of H_batch
+            coef = loss_cfg.batch_entropy_coef * dist.world_size if dist.active else loss_cfg.batch_entropy_coef
+            cfg_mb = dataclasses.replace(loss_cfg, batch_entropy_coef=coef / share.item())
         with distributed.no_sync(run.parallel, last=i == len(micro) - 1):   # DDP averages at the last one
-            loss, s = distributed.call(run.parallel, micro_batch_loss, run, roll.rows(idx), loss_cfg)
-            (loss * (roll.mask[idx].sum() / tokens)).backward()
+            loss, s = distributed.call(run.parallel, micro_batch_loss, run, roll.rows(idx), cfg_mb, batch_probs)
+            (loss * share).backward()
         stats.append({"loss": loss.detach(), **s})
     return stats
 
@@ -447,7 +527,8 @@ def update(run: Run, roll: Rollout) -> dict:
         order = torch.randperm(B, generator=run.streams.shuffle).to(run.device)
         for mini in order.split(per_step):
             opt.optimizer.zero_grad(set_to_none=True)
-            step_stats = accumulate_gradients(run, roll, mini, loss_cfg)
+            batch = minibatch_advantages(cfg, roll, mini, run.dist.whiten) if per_minibatch_whitening(cfg) else roll
+            step_stats = accumulate_gradients(run, batch, mini, loss_cfg)
             stats += step_stats
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
             if not bool(torch.isfinite(norm)):   # one host read per optimizer step; the weights are not updated
@@ -493,7 +574,8 @@ def train(cfg: TrainConfig, dist: Optional[Dist] = None) -> dict:
         if cfg.eval_samples:
             run.eval_before = distributed.gathered(run.parallel, evaluate, run, cfg.eval_samples, seed=cfg.seed)
     if run.parallel is None:                                           # --fsdp: sharded in setup
-        run.parallel = distributed.wrap(dist, run.bundle)              # None on one process
+        run.parallel = distributed.wrap(dist, run.bundle,              # None on one process
+                                        find_unused_parameters=cfg.critic_warmup_steps > 0)
     log = metrics.MetricsLogger(out_dir, report_to=cfg.report_to, start_step=run.step) if main else None
     samples = metrics.SampleLogger(out_dir, cfg.log_samples, start_step=run.step) if main else None
     batch = rollout_batch(cfg)

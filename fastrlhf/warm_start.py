@@ -1,5 +1,6 @@
 """Supervised warm-start before RL (`--sft_steps`), per task; the reference is then reset to the
-warm-started policy (KL starts at 0).
+warm-started policy, with or without LoRA (`fastrlhf.models.reset_reference`), so the KL starts at 0, and
+a `--critic copy` critic to the warm-started trunk.
 
     arithmetic          next-token cross-entropy on the answers of fresh problems, some of them near misses,
                         so that RL starts from a policy that is right part of the time (fastrlhf's own job)
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import distributed, padula
+from .models import reset_reference, sync_critic_copy
 from .passes import nll
 from .sequences import encode_prompts, pad_rows
 from .tasks import solve
@@ -53,7 +55,7 @@ def _chain_batch(run: Run, rng: random.Random):
 
 def warm_start(run: Run):
     """`sft_steps` optimizer steps of next-token cross-entropy on fresh batches of the task's supervised
-    examples (module docstring); the reference policy is then set to the warm-started weights."""
+    examples (module docstring); the reference policy is then the warm-started policy."""
     cfg, bundle = run.cfg, run.bundle
     rng = random.Random(cfg.seed + 3)
     chains = cfg.task == "padula-arithmetic"
@@ -72,12 +74,11 @@ def warm_start(run: Run):
         opt.step()
         if schedule is not None:
             schedule.step()
-    if not bundle.config.use_peft:
-        with bundle.reference() as ref_model:
-            ref_model.load_state_dict(bundle.policy.state_dict())
-            # under --fsdp the shards stay where they are ({}: changed; a checkpoint gathers them)
-            run.reference_state = {} if distributed.is_sharded(run.parallel) else \
-                {k: v.detach().cpu().clone() for k, v in ref_model.state_dict().items()}
+    if cfg.critic == "copy":
+        sync_critic_copy(bundle)
+    # under --fsdp the shards stay where they are ({}: changed; a checkpoint gathers them whole)
+    run.reference_state = distributed.reset_sharded_reference(bundle) if distributed.is_sharded(run.parallel) \
+        else reset_reference(bundle)
 
 
 __all__ = ["sft_example", "warm_start"]

@@ -8,6 +8,8 @@ Forward, three launches: row statistics (lse per row, kernels/token_logprobs.py)
 its block's share of −Σ p̄ log p̄; the host adds the shares (no atomics: deterministic).
 Backward, persistent programs over row tiles: pass 1 gives Σ_u p_u g_u, pass 2 writes dz in the logits dtype.
 Masked rows (w = 0) are never read. p̄ [T, V] fp32 is kept from forward to backward.
+Given a larger batch's p̄ (a mini-batch's, `fastrlhf.ref.BatchProbs`), the forward writes these rows' part of
+its H_batch instead, −Σ_v (Σ_b w_bt p_bt,v)·log p̄_t,v, and the backward reads that p̄ (README, "Batch entropy").
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf import ref
 from fastrlhf.kernels import token_logprobs
 
 
 @triton.jit
-def _batch_mean_kernel(x_ptr, lse_ptr, w_ptr, pbar_ptr, hpart_ptr, B, T, V, stride_b, stride_t, n_blocks,
-                       inv_temp, BLOCK_V: tl.constexpr):
+def _batch_mean_kernel(x_ptr, lse_ptr, w_ptr, pbar_ptr, target_ptr, hpart_ptr, B, T, V, stride_b, stride_t,
+                       n_blocks, inv_temp, HAS_TARGET: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     t = pid // n_blocks
     blk = pid % n_blocks
@@ -36,8 +39,12 @@ def _batch_mean_kernel(x_ptr, lse_ptr, w_ptr, pbar_ptr, hpart_ptr, B, T, V, stri
         lse = tl.load(lse_ptr + row)
         acc += tl.where(w > 0, w * tl.exp(z - lse), 0.0)
         row_ptr += stride_b
-    tl.store(pbar_ptr + t.to(tl.int64) * V + c, acc, mask=in_v)
-    tl.store(hpart_ptr + pid, -tl.sum(tl.where(acc > 0, acc * tl.log(acc), 0.0), axis=0))
+    if HAS_TARGET:   # these rows' part of a larger batch's H: −Σ_v acc_v·log p̄_v with that batch's p̄
+        tgt = tl.load(target_ptr + t.to(tl.int64) * V + c, mask=in_v, other=0.0)
+        tl.store(hpart_ptr + pid, -tl.sum(tl.where(tgt > 0, acc * tl.log(tgt), 0.0), axis=0))
+    else:
+        tl.store(pbar_ptr + t.to(tl.int64) * V + c, acc, mask=in_v)
+        tl.store(hpart_ptr + pid, -tl.sum(tl.where(acc > 0, acc * tl.log(acc), 0.0), axis=0))
 
 
 @triton.jit
@@ -96,28 +103,57 @@ def _check(logits, mask):
     return logits if logits.stride(2) == 1 else logits.contiguous()
 
 
-def batch_entropy_forward(logits, mask, temperature: float):
-    """logits [B, T, V], mask [B, T] -> (H_batch 0-d fp32, lse [B·T], w [B·T], p̄ [T, V] fp32, n_pos 0-d)."""
-    logits = _check(logits, mask)
+def _weighted_sums(logits, w, temperature, target=None):
+    """logits [B, T, V], w [B·T] -> (Σ_b w_bt·p_bt [T, V] fp32 (None with target), per-(t, block) shares of
+    −Σ_v (Σ_b w p)·log q with q that sum, or `target` [T, V] when given, lse [B·T])."""
     B, T, V = logits.shape
-    m = mask.float()
-    count = m.sum(0)                                                  # [T]
-    w = (m / count.clamp_min(1.0)).reshape(-1).contiguous()           # [B·T]
-    n_pos = (count > 0).sum().float()
-    pbar = torch.zeros(T, V, dtype=torch.float32, device=logits.device)
-    if B * T == 0 or V == 0:
-        return torch.zeros((), device=logits.device), w, w, pbar, n_pos
     no_labels = torch.full((B * T,), -100, dtype=torch.long, device=logits.device)
     _, _, lse, _ = token_logprobs.row_stats(logits.reshape(B * T, V), no_labels, temperature)
     block_v = min(triton.next_power_of_2(V), token_logprobs.MAX_BLOCK_V)
     n_blocks = triton.cdiv(V, block_v)
+    pbar = torch.zeros(T, V, dtype=torch.float32, device=logits.device) if target is None else None
     hpart = torch.empty(T * n_blocks, dtype=torch.float32, device=logits.device)
     _batch_mean_kernel[(T * n_blocks,)](
-        logits, lse, w, pbar, hpart, B, T, V, logits.stride(0), logits.stride(1), n_blocks, 1.0 / temperature,
+        logits, lse, w, target if pbar is None else pbar, target if target is not None else pbar, hpart, B, T, V,
+        logits.stride(0), logits.stride(1), n_blocks, 1.0 / temperature, HAS_TARGET=target is not None,
         BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
-    h_t = hpart.view(T, n_blocks).sum(1)
+    return pbar, hpart.view(T, n_blocks).sum(1), lse
+
+
+def batch_entropy_forward(logits, mask, temperature: float, stats=None):
+    """logits [B, T, V], mask [B, T] -> (H_batch 0-d fp32, lse [B·T], w [B·T], p̄ [T, V] fp32, n_pos 0-d).
+    stats = (p̄ [T, V], count [T], n_pos) of a larger batch holding these rows: then the value is these
+    rows' part of its H_batch, −(1/n_pos)·Σ_t Σ_v (Σ_b w_bt p_bt,v)·log p̄_t,v with w = m/count
+    (`fastrlhf.ref._BatchEntropy`), and p̄, n_pos are that batch's."""
+    logits = _check(logits, mask)
+    B, T, V = logits.shape
+    m = mask.float()
+    count = m.sum(0) if stats is None else stats[1]                   # [T]
+    w = (m / count.clamp_min(1.0)).reshape(-1).contiguous()           # [B·T]
+    n_pos = (count > 0).sum().float() if stats is None else stats[2]
+    if B * T == 0 or V == 0:
+        pbar = torch.zeros(T, V, dtype=torch.float32, device=logits.device) if stats is None else stats[0]
+        return torch.zeros((), device=logits.device), w, w, pbar, n_pos
+    pbar, h_t, lse = _weighted_sums(logits, w, temperature, None if stats is None else stats[0])
+    if stats is not None:
+        pbar = stats[0]
     h_batch = torch.where(count > 0, h_t, torch.zeros_like(h_t)).sum() / n_pos.clamp_min(1.0)
     return h_batch, lse, w, pbar, n_pos
+
+
+def batch_probs(logits, mask, *, temperature=1.0, positions="all"):
+    """The `fastrlhf.ref.BatchProbs` of logits [B, T, V], mask [B, T] (no gradient): the sums Σ_b m'·p from
+    the same kernel, with weights m' in place of m/count."""
+    x, m = ref.batch_entropy_rows(logits, mask, positions)
+    with torch.no_grad():
+        x = _check(x, m)
+        keep = m.bool()
+        B, T, V = x.shape
+        if B * T == 0:
+            probs = torch.zeros(T, V, dtype=torch.float32, device=x.device)
+        else:
+            probs, _, _ = _weighted_sums(x, keep.float().reshape(-1).contiguous(), float(temperature))
+    return ref.BatchProbs(probs, keep.sum(0).float(), positions, temperature)
 
 
 def batch_entropy_backward(logits, lse, w, pbar, n_pos, grad_out, temperature: float):
@@ -142,8 +178,8 @@ def batch_entropy_backward(logits, lse, w, pbar, n_pos, grad_out, temperature: f
 class _BatchEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, logits, mask, temperature):
-        h_batch, lse, w, pbar, n_pos = batch_entropy_forward(logits, mask, temperature)
+    def forward(ctx, logits, mask, temperature, stats):
+        h_batch, lse, w, pbar, n_pos = batch_entropy_forward(logits, mask, temperature, stats)
         ctx.save_for_backward(logits, lse, w, pbar, n_pos)
         ctx.temperature = temperature
         return h_batch
@@ -151,10 +187,11 @@ class _BatchEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, lse, w, pbar, n_pos = ctx.saved_tensors
-        return batch_entropy_backward(logits, lse, w, pbar, n_pos, grad_out, ctx.temperature), None, None
+        return batch_entropy_backward(logits, lse, w, pbar, n_pos, grad_out, ctx.temperature), None, None, None
 
 
-def batch_entropy(logits, mask, *, temperature=1.0):
+def batch_entropy(logits, mask, *, temperature=1.0, stats=None):
     """logits [B, T, V], mask [B, T] -> scalar fp32 H_batch (0 when the mask is empty), differentiable;
-    the same function as `fastrlhf.ref.batch_entropy`."""
-    return _BatchEntropy.apply(logits, mask, float(temperature))
+    with stats = (p̄, count, n_pos) of a larger batch, these rows' part of its H_batch. The same function as
+    `fastrlhf.ref.batch_entropy`."""
+    return _BatchEntropy.apply(logits, mask, float(temperature), stats)

@@ -219,7 +219,7 @@ class _PolicyLossFromLogits(torch.autograd.Function):
 
 
 def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_logprobs, cfg: ref.LossConfig,
-                            *, inplace=False):
+                            *, inplace=False, batch_probs=None):
     """loss = masked mean of (policy loss + kl_coef·KL − entropy_coef·H) − batch_entropy_coef·H_batch,
     the same function as `fastrlhf.ref.policy_loss_from_logits` -> (loss, out).
 
@@ -227,6 +227,7 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     inplace=True writes the logits gradient over the logits buffer (saves one [N, V] buffer; the logits
     are garbage afterwards, so nothing else may need them: not allowed with batch_entropy_coef).
     Differentiable w.r.t. the logits only: advantages and old/ref log-probs are treated as constants.
+    batch_probs: None or a mini-batch's `BatchProbs`, as in `fastrlhf.ref.policy_loss_from_logits`.
     """
     if inplace and cfg.batch_entropy_coef:
         raise ValueError(f"inplace: expected False when cfg.batch_entropy_coef != 0 (batch entropy re-reads the "
@@ -247,7 +248,7 @@ def policy_loss_from_logits(logits, labels, mask, advantages, old_logprobs, ref_
     out = ref._loss_outputs(lp.view(mask.shape), ent.view(mask.shape), kl.view(mask.shape), mask, old_logprobs,
                             ref_logprobs, advantages, cfg)
     if cfg.batch_entropy_coef:
-        h_batch = ops.impl("batch_entropy", logits.device)(logits, mask, temperature=cfg.temperature)
-        loss = loss - cfg.batch_entropy_coef * h_batch
-        out["batch_entropy"] = h_batch.detach()
+        h_term, out["batch_entropy"] = ref.batch_entropy_term(ops.impl("batch_entropy", logits.device), logits, mask,
+                                                              cfg.temperature, batch_probs)
+        loss = loss - cfg.batch_entropy_coef * h_term
     return loss, out

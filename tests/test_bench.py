@@ -115,3 +115,32 @@ def test_one_command_at_smoke_size(tmp_path):
             for k in [k for k in r if k.startswith("speedup_vs_")]:
                 base = ms[r["op"], json.dumps(r["shape"], sort_keys=True), k.removeprefix("speedup_vs_")]
                 assert r[k] == pytest.approx(base / r["ms"]), (name, r)
+
+
+def test_compare_algos_summaries_follow_the_runs(tmp_path, monkeypatch):
+    """bench/compare_algos.py on two algorithms, one seed, a few steps: each run is the algorithm asked for,
+    and every summary figure recomputed here from the run's own metrics.jsonl curve."""
+    import compare_algos
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    compare_algos.main(["--algos", "ppo", "apa", "--seeds", "0", "--max_steps", "5", "--jobs", "1",
+                        "--name", "cmp", "--work_dir", str(tmp_path / "runs"), "--sft_steps", "20",
+                        "--per_device_batch_size", "8", "--eval_samples", "4", "--max_new_tokens", "3"])
+    data = json.loads((tmp_path / "cmp.json").read_text())
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    assert [r["algo"] for r in data["runs"]] == ["ppo", "apa"]
+    for run in data["runs"]:
+        cfg = json.loads((tmp_path / "runs" / f"{run['algo']}_s0" / "summary.json").read_text())
+        records = [json.loads(line) for line in
+                   (tmp_path / "runs" / f"{run['algo']}_s0" / "metrics.jsonl").read_text().splitlines()]
+        assert run["curves"]["kl"] == [r["kl"] for r in records]
+        kl = [r["kl"] for r in records]
+        assert run["kl_max"] == max(kl)
+        half = kl[len(kl) // 2:]
+        mean = sum(half) / len(half)
+        assert run["kl_sd_last_half"] == pytest.approx((sum((x - mean) ** 2 for x in half) / len(half)) ** 0.5)
+        rw = [r["reward_mean"] for r in records]
+        assert run["first_last_fifth"]["reward_mean"] == pytest.approx([rw[0], rw[-1]])   # 5 steps: fifths of 1
+        assert run["eval_after"] == cfg["eval_after"]
+        s = data["summary"][run["algo"]]
+        assert s["kl_max"]["mean"] == run["kl_max"] and s["kl_max"]["sd"] == 0.0
+    assert any(k != 0 for k in data["runs"][0]["curves"]["kl"][1:])   # the KL moved: a real comparison

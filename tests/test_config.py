@@ -28,15 +28,18 @@ def test_presets_apply_and_flags_override_them(algo):
 SOURCED = {
     # TRL PPOConfig / PPOTrainer, but ppo_epochs 2 (TRL: 4), kept for the default job
     "ppo": dict(kl_coef=0.05, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-                cliprange_value=0.2, vf_coef=0.1, whiten_advantages=True, adv_clip=None, score_scaling="none",
+                cliprange_value=0.2, vf_coef=0.1, whiten_advantages=True, whiten_scope="rollout", adv_clip=None,
+                score_scaling="none",
                 score_clip=None, max_grad_norm=None, num_mini_batches=1, ppo_epochs=2, adv_coeff=10.0),
     # MOSS-RLHF train_ppo_en.sh + config_ppo.py + accelerate_config.yaml
     "ppo-max": dict(kl_coef=0.01, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-                    cliprange_value=0.2, vf_coef=1.0, whiten_advantages=False, adv_clip=None, score_scaling="std",
+                    cliprange_value=0.2, vf_coef=1.0, whiten_advantages=False, whiten_scope="minibatch", adv_clip=None,
+                    score_scaling="std",
                     score_clip=None, max_grad_norm=1.0, num_mini_batches=1, ppo_epochs=1, adv_coeff=10.0),
     # RLHF-APA apa_hh.py + modeling_sppo.py + accelerate_sppo_trainer.py + accelerate_base_trainer.py
     "apa": dict(kl_coef=0.0, kl_in="reward", kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-                cliprange_value=None, vf_coef=1.0, whiten_advantages=True, adv_clip=None, score_scaling="std",
+                cliprange_value=None, vf_coef=1.0, whiten_advantages=True, whiten_scope="minibatch", adv_clip=None,
+                score_scaling="std",
                 score_clip=100.0, max_grad_norm=None, num_mini_batches=1, ppo_epochs=2, adv_coeff=10.0),
 }
 
@@ -54,6 +57,8 @@ def test_default_job_settings_unchanged():
     cfg = parse_args([])
     assert (cfg.ppo_epochs, cfg.kl_coef, cfg.vf_coef, cfg.max_grad_norm, cfg.whiten_advantages, cfg.sft_steps,
             cfg.num_mini_batches, cfg.model.builtin_model) == (2, 0.05, 0.1, None, True, 250, 1, "tiny-llama")
+    assert (cfg.whiten_scope, cfg.critic, cfg.critic_warmup_steps, cfg.num_layers_unfrozen) == \
+        ("rollout", "shared", 0, -1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,6 +131,8 @@ def test_recipes_record_their_sources_values():
                 ppo_epochs=4, max_new_tokens=15)
     assert (ps["min_new_tokens"], ps["reward_input"]) == (4, "prompt_response")   # LengthSampler(4, 16); q + r
     assert apa["stop"] == ["Human:", "human:", "Assistant:", "assistant:"]          # apa_hh.py stop_sequences
+    # modeling_sppo.py v_net + make_head; whiten() per training batch; apa_hh.py num_layers_unfrozen=2 (125M)
+    assert (apa["critic"], apa["whiten_scope"], apa["num_layers_unfrozen"]) == ("copy", "minibatch", 2)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from fastrlhf.tasks import PromptListTask
 TINY = ["--tiny_hidden_size", "32", "--tiny_num_layers", "1", "--tiny_num_heads", "2",
         "--tiny_intermediate_size", "64", "--sft_steps", "0", "--eval_samples", "2", "--max_new_tokens", "3"]
 LORA = ["--use_peft", "--lora_r", "4", "--lora_dropout", "0"]   # no dropout: the same forward on any rank
+BENT = ["--batch_entropy_coef", "0.5"]   # p̄ over the whole mini-batch: every rank's micro-batches
 WORLD, ROWS = 2, 8          # processes; rollout rows in all (ROWS // WORLD per rank)
 # (per-rank flags, single-process flags): one optimizer step over the whole rollout, the 2-rank runs with
 # half of it each, without and with gradient accumulation
@@ -32,13 +33,18 @@ SETTINGS = {
     "no_accumulation": (["--per_device_batch_size", "4"], ["--per_device_batch_size", "8"]),
     "accumulation": (["--per_device_batch_size", "2", "--gradient_accumulation_steps", "2"],
                      ["--per_device_batch_size", "8"]),
+    "batch_entropy_accumulation": (["--per_device_batch_size", "2", "--gradient_accumulation_steps", "2", *BENT],
+                                   ["--per_device_batch_size", "4", "--gradient_accumulation_steps", "2", *BENT]),
     "lora": (["--per_device_batch_size", "4", *LORA], ["--per_device_batch_size", "8", *LORA]),
-    "fsdp": (["--per_device_batch_size", "4", "--fsdp"], ["--per_device_batch_size", "8"]),
     "fsdp_lora": (["--per_device_batch_size", "4", "--fsdp", *LORA], ["--per_device_batch_size", "8", *LORA]),
     "fsdp_accumulation": (["--per_device_batch_size", "2", "--gradient_accumulation_steps", "2", "--fsdp"],
                           ["--per_device_batch_size", "8"]),
 }
-COMMON = [*TINY, "--num_mini_batches", "1", "--ppo_epochs", "1", "--num_threads", "1", "--device", "cpu"]
+# The first AdamW step moves a parameter by lr·g/(|g| + 1e-8): where |g| is near 1e-8 (batch entropy reaches every
+# vocabulary row), fp32 summation-order noise in g moves it by up to ~1e-2·lr; lr 3e-5 keeps that under 1e-6
+# (at the default 3e-4 one weight of 3200 of the batch-entropy run lands 6.5e-6 apart).
+COMMON = [*TINY, "--num_mini_batches", "1", "--ppo_epochs", "1", "--num_threads", "1", "--device", "cpu",
+          "--learning_rate", "3e-5"]
 
 
 def _free_port() -> int:
@@ -158,6 +164,8 @@ def test_fsdp_refuses_what_it_cannot_shard(monkeypatch):
         config.parse_args([*base, "--ref_load_in_8bit"])
     with pytest.raises(ValueError, match="fsdp: bitsandbytes' 8-bit optimizers .* got 'adamw_8bit'"):
         config.parse_args([*base, "--optim", "adamw_8bit"])
+    with pytest.raises(ValueError, match="fsdp: with --use_peft the warm start's reference .* got 5"):
+        config.parse_args([*base, "--use_peft", "--sft_steps", "5"])
     with pytest.raises(ValueError, match="fsdp: expected several processes"):
         train.setup(config.parse_args(base))
 
@@ -244,8 +252,9 @@ def _rows(out):
 
 @pytest.mark.slow
 def test_torchrun_trains_writes_one_metrics_file_and_resumes_after_sigkill(tmp_path):
-    flags = ["--max_steps", "4", "--save_steps", "2", "--log_samples", "2", "--partial_credit", "--sft_steps", "30",
-             "--sft_batch_size", "16"]   # the warm start (the same on both ranks) gives rewards to learn from
+    flags = ["--max_steps", "4", "--save_steps", "2", "--log_samples", "8", "--partial_credit", "--sft_steps", "30",
+             "--sft_batch_size", "16",   # the warm start (the same on both ranks) gives rewards to learn from
+             "--adaptive_kl", "--kl_coef", "0.1", "--kl_target", "0.01"]
     whole = tmp_path / "whole"
     res = _torchrun(whole, *flags)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -256,7 +265,14 @@ def test_torchrun_trains_writes_one_metrics_file_and_resumes_after_sigkill(tmp_p
                                                                                              "checkpoint-4"]
     assert (whole / "summary.json").is_file() and (whole / "curves.png").is_file()
     samples = metrics.read_metrics(whole / "samples.jsonl")
-    assert [s["step"] for s in samples] == [1, 1, 2, 2, 3, 3, 4, 4]
+    rows = WORLD * 2                                      # both ranks' rows (per_device_batch_size 2 each)
+    assert [s["step"] for s in samples] == [t for t in range(1, 5) for _ in range(rows)]
+    beta = 0.1
+    for r in recs:                                        # global metrics and the KL controller's global input
+        rewards = [s["reward"] for s in samples if s["step"] == r["step"]]
+        assert r["reward_mean"] == pytest.approx(sum(rewards) / rows, abs=1e-6)
+        beta *= 1 + min(max(r["kl"] / 0.01 - 1, -0.2), 0.2) * rows / 10000
+        assert r["kl_coef"] == pytest.approx(beta, rel=1e-12)
 
     # the same run, killed (SIGKILL: the launcher and both ranks) once checkpoint-2 exists, then resumed
     killed = tmp_path / "killed"

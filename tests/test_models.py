@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastrlhf import models
+from fastrlhf import config, models
 from fastrlhf.models import ModelConfig, critic_hidden_states, load, values
 from fastrlhf.optim import make_optimizer
 from fastrlhf.tokenizer import CharTokenizer
@@ -319,3 +319,45 @@ def test_critic_vocab_mismatch_fails_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_from_pretrained", lambda *a, **k: pytest.fail("loaded weights"))
     with pytest.raises(ValueError, match="expected vocab_size 100"):
         load(ModelConfig(critic_model_name_or_path=path), "cpu")
+
+
+@pytest.mark.parametrize("quant", ["plain", "lora", "4bit", "8bit"])
+def test_reference_is_the_warm_started_policy(tmp_path, quant):
+    """After the built-in warm start the reference is the policy at the start of RL, for a full fine-tune and
+    for LoRA on a float, 4-bit and 8-bit base: the KL of the first step is exactly 0, the reference's
+    log-probs equal the warm-started policy's (and not the bare base's), the frozen reference adapter does not
+    train, and a resumed run gets the same reference back from its checkpoint."""
+    from fastrlhf import checkpoint, metrics, train
+
+    flags = {"plain": [], "lora": ["--use_peft"], "4bit": ["--use_peft", "--load_in_4bit"],
+             "8bit": ["--use_peft", "--load_in_8bit"]}[quant]
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_steps", "1", "--per_device_batch_size", "4", "--sft_steps", "3",
+            "--sft_batch_size", "8", "--eval_samples", "2", "--max_new_tokens", "2", "--tiny_hidden_size", "32",
+            "--tiny_num_layers", "1", "--tiny_num_heads", "2", "--tiny_intermediate_size", "64", "--lora_r", "4",
+            *flags]
+    assert train.main(argv) == 0
+    assert metrics.read_metrics(out / "metrics.jsonl")[0]["kl"] == 0.0
+
+    cfg = config.parse_args(argv[:1] + [str(tmp_path / "again")] + argv[2:])
+    run = train.setup(cfg)
+    enc = run.bundle.tokenizer(PROMPTS)
+    policy = run.bundle.policy.eval()
+    with torch.no_grad(), run.bundle.reference() as ref:
+        bare = seq_logprobs(ref, enc)
+    train.warm_start(run)
+    trained = [n for n, p in policy.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        warm = seq_logprobs(policy.eval(), enc)
+        with run.bundle.reference() as ref:
+            assert torch.equal(seq_logprobs(ref, enc), warm)
+        assert [n for n, p in policy.named_parameters() if p.requires_grad] == trained  # unchanged by the switch
+    assert not torch.equal(warm, bare)      # the warm start moved the policy away from the base
+    if quant != "plain":
+        assert trained and all(".default." in n for n in trained)   # the reference adapter is frozen
+        assert [n for n, _ in policy.named_parameters() if ".reference." in n]
+
+    resumed = train.setup(cfg)
+    checkpoint.load_weights(resumed, checkpoint.load(checkpoint.latest(out))[0])
+    with torch.no_grad(), resumed.bundle.reference() as ref:
+        assert torch.equal(seq_logprobs(ref.eval(), enc), warm)

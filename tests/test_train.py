@@ -51,6 +51,7 @@ def test_each_algorithm_with_every_regularizer(algo, tmp_path):
     assert train.main(argv) == 0
     recs = records(out)
     _check_records(recs, 2)
+    assert all(r["batch_entropy"] > 0 for r in recs)   # the mini-batch's, from the pre-pass (2 micro-batches)
     if algo == "ppo-max":
         assert recs[1]["kl_coef"] != 0.1          # the controller moved β
         assert list((out / "tensorboard").iterdir())
@@ -288,8 +289,8 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch, ca
     real = train.micro_batch_loss
     calls = []
 
-    def nan_on_second_step(run, mb, loss_cfg):
-        loss, stats = real(run, mb, loss_cfg)
+    def nan_on_second_step(run, mb, loss_cfg, *rest):
+        loss, stats = real(run, mb, loss_cfg, *rest)
         calls.append(run.step)
         return (loss * float("nan") if run.step == 1 else loss), stats
 
@@ -368,8 +369,8 @@ def test_error_in_an_update_checkpoints_the_last_step_and_resume_loses_nothing(t
     assert train.main(small(full, *common, "--max_steps", "3")) == 0
     real, calls = train.micro_batch_loss, []
 
-    def failing(run, mb, loss_cfg):
-        loss, stats = real(run, mb, loss_cfg)
+    def failing(run, mb, loss_cfg, *rest):
+        loss, stats = real(run, mb, loss_cfg, *rest)
         if run.step == 1:
             calls.append(1)
             if len(calls) == 2:                  # the second optimizer step of step 2

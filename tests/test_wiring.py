@@ -333,8 +333,8 @@ def test_optimizer_steps_micro_batches_and_grad_norm(tmp_path, monkeypatch):
     rows, losses, norms, clipped = [], [], [], []
     real_loss, real_acc = train.micro_batch_loss, train.accumulate_gradients
 
-    def loss_spy(run_, mb, cfg):
-        loss, stats = real_loss(run_, mb, cfg)
+    def loss_spy(run_, mb, cfg, *rest):
+        loss, stats = real_loss(run_, mb, cfg, *rest)
         rows.append(mb.texts)
         losses.append({k: float(v.detach()) for k, v in {"loss": loss, **stats}.items()})
         return loss, stats
@@ -681,7 +681,10 @@ KNOB_TESTS = {
     "cliprange_value": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "adv_coeff": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
-    "batch_entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
+    "batch_entropy_coef": [W + "test_micro_batch_loss_and_its_statistics_match_formulas",
+                           "test_batch_entropy.py::test_trainer_update_is_the_same_for_every_micro_batch_size",
+                           "test_batch_entropy.py::test_metrics_log_batch_entropy_each_step_only_when_it_is_on"],
+    "batch_entropy_positions": ["test_batch_entropy.py::test_trainer_update_is_the_same_for_every_micro_batch_size"],
     "kl_coef": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "kl_estimator": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
     "kl_in": [W + "test_rollout_matches_independent_formulas", W + "test_micro_batch_loss_and_its_statistics_match_formulas"],
@@ -704,6 +707,11 @@ KNOB_TESTS = {
     "fsdp": ["test_distributed.py::test_update_on_two_ranks_equals_one_process_on_the_whole_batch",
              "test_distributed.py::test_fsdp_refuses_what_it_cannot_shard"],
     "dist_timeout_s": ["test_distributed.py::test_session_passes_dist_timeout_s_and_reports_the_failing_rank"],
+    "whiten_scope": ["test_paper_knobs.py::test_whiten_scope_minibatch_whitens_each_optimizer_steps_rows"],
+    "critic": ["test_paper_knobs.py::test_critic_copy_is_a_separate_trunk_with_an_mlp_head",
+               "test_paper_knobs.py::test_critic_copy_starts_from_the_warm_started_policy"],
+    "critic_warmup_steps": ["test_paper_knobs.py::test_critic_warmup_updates_only_the_value_model_then_ppo"],
+    "num_layers_unfrozen": ["test_paper_knobs.py::test_num_layers_unfrozen_trains_only_the_top_blocks"],
 }
 
 
