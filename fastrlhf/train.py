@@ -570,7 +570,7 @@ def train(cfg: TrainConfig, dist: Optional[Dist] = None) -> dict:
             print(f"resumed from {path} (step {run.step})", file=sys.stderr)
     else:
         if cfg.sft_steps:
-            warm_start(run)       # the same on every rank (its own seeded stream)
+            warm_start(run)       # identical on every rank (its stream is seeded by --seed alone)
         if cfg.eval_samples:
             run.eval_before = distributed.gathered(run.parallel, evaluate, run, cfg.eval_samples, seed=cfg.seed)
     if run.parallel is None:                                           # --fsdp: sharded in setup
