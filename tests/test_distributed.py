@@ -295,18 +295,25 @@ def test_torchrun_trains_writes_one_metrics_file_and_resumes_after_sigkill(tmp_p
 
 
 @pytest.mark.slow
-def test_torchrun_exits_non_zero_with_the_failing_ranks_message(tmp_path):
+def test_torchrun_fsdp_exits_non_zero_with_the_failing_ranks_message(tmp_path):
+    """Under --fsdp: step 1 completes (sharded rollout, update, metrics, a checkpoint gathered to rank 0),
+    then rank 1's reward raises in step 2 (its third call: the held-out score is the first)."""
     reward = tmp_path / "reward.py"
-    reward.write_text("import os\n\ndef fn(prompts, responses):\n"
-                      "    if os.environ['RANK'] == '1':\n"
+    reward.write_text("import os\n\ncalls = []\n\ndef fn(prompts, responses):\n    calls.append(1)\n"
+                      "    if os.environ['RANK'] == '1' and len(calls) == 3:\n"
                       "        raise RuntimeError('reward server unreachable from rank 1')\n"
                       "    return [0.0] * len(responses)\n")
+    out = tmp_path / "run"
     t0 = time.time()
-    res = _torchrun(tmp_path / "run", "--max_steps", "3", "--reward", f"{reward}:fn")
+    res = _torchrun(out, "--max_steps", "3", "--save_steps", "1", "--fsdp", "--reward", f"{reward}:fn")
     assert res.returncode != 0
     assert "rank 1 of 2 failed: RuntimeError: reward server unreachable from rank 1" in res.stderr
     assert time.time() - t0 < 200       # no hang until the collective timeout
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not metrics.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in metrics.read_metrics(out / "metrics.jsonl")] == [1]
+    state, _ = train.checkpoint.load(out / "checkpoint-1")
+    assert state["world_size"] == WORLD and len(state["rank_rng"]) == WORLD
+    assert set(state["policy"]) == {n for n, p in train.setup(config.parse_args(
+        [*TINY, "--output_dir", "/nonexistent-fastrlhf"])).bundle.policy.named_parameters()}
 
 
 def test_resume_on_another_world_size_fails_clearly(tmp_path):
