@@ -20,7 +20,7 @@ that is a statistic of the batch is taken over every rank's rows (`Dist`):
 `--fsdp` shards instead of replicating (`shard`): FSDP2's `fully_shard` on every transformer block of the
 policy, the frozen reference and the critic, then on one root over all of them, so each rank holds 1/N of
 the weights, gradients and optimizer state between uses. Every pass then runs inside the root's forward
-(`call`), which gathers what the blocks' own forwards do not; checkpoints go through
+(`call`, `gathered`), which gathers what the blocks' own forwards do not; checkpoints go through
 torch.distributed.checkpoint's full state dicts (`full_state`, `load_full_state`), the same layout a
 one-process checkpoint has.
 
