@@ -13,14 +13,25 @@ not installed in this environment: the result records the skip).
 
     python bench/bench_train.py [--gpu-sizes] [--steps N] [--algos ppo,ppo-max,apa] [--results-dir DIR]
 (results: train_gpu.json or train_smoke.json)
+
+Data parallel (README, "More than one GPU"): `--nproc N` runs each algorithm twice as subprocesses, one
+process (`python -m fastrlhf train`) and `torchrun --nproc_per_node N -m fastrlhf train`, with the same
+per-process batch, and records samples/s of the whole job (N × batch per step) and the peak memory per
+rank (the largest rank's) of each, and the scaling N-process samples/s ÷ one-process samples/s
+(results: train_<size>_nproc<N>.json; `--fsdp`: the N-process run shards, train_<size>_nproc<N>_fsdp.json).
+On the CPU, every process runs on one thread: the figure is a smoke
+test of the launch path, not a scaling measurement (the processes share the machine's cores).
 """
 from __future__ import annotations
 
 import gc
 import importlib.util
 import json
+import os
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -72,12 +83,16 @@ def make_model(directory: Path, s: dict, dtype: torch.dtype):
     (directory / "prompts.txt").write_text("\n".join(lines) + "\n")   # P - 1 chars + BOS = P tokens
 
 
-def run_algo(algo: str, directory: Path, out: Path, s: dict, steps: int, device: torch.device) -> dict:
-    argv = ["--algo", algo, "--model_name_or_path", str(directory), "--prompts", str(directory / "prompts.txt"),
+def train_argv(algo: str, directory: Path, out: Path, s: dict, steps: int) -> list:
+    return ["--algo", algo, "--model_name_or_path", str(directory), "--prompts", str(directory / "prompts.txt"),
             "--reward", f"{Path(__file__).resolve()}:response_length", "--output_dir", str(out),
             "--max_steps", str(steps), "--per_device_batch_size", str(s["batch"]), "--ppo_epochs", "1",
             "--max_new_tokens", str(s["response"]), "--max_prompt_length", str(s["prompt"]),
             "--eval_samples", "1", "--save_steps", str(steps + 1), "--top_k", "0", "--kl_coef", "0.05"]
+
+
+def run_algo(algo: str, directory: Path, out: Path, s: dict, steps: int, device: torch.device) -> dict:
+    argv = train_argv(algo, directory, out, s, steps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -95,13 +110,68 @@ def run_algo(algo: str, directory: Path, out: Path, s: dict, steps: int, device:
                           response_tokens_per_s=tokens / step_s, steps_timed=len(timed))
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_procs(algo: str, directory: Path, out: Path, s: dict, steps: int, device: torch.device, nproc: int,
+              fsdp: bool = False) -> dict:
+    """`fastrlhf train` as a subprocess on `nproc` processes (1: no launcher) -> its result: samples/s of the
+    job and the peak memory of its largest rank (metrics.jsonl's peak_mem_mib is the max over ranks)."""
+    launch = [sys.executable, "-m", "fastrlhf"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+         str(_free_port()), "-m", "fastrlhf"]
+    argv = train_argv(algo, directory, out, s, steps) + (["--num_threads", "1"] if device.type == "cpu" else []) \
+        + (["--fsdp"] if fsdp else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if device.type == "cpu" else dict(os.environ)
+    subprocess.run(launch + ["train", *argv], env=env, check=True, stdout=subprocess.DEVNULL)
+    recs = metrics.read_metrics(out / "metrics.jsonl")
+    timed = recs[1:] if len(recs) > 1 else recs
+    step_s = statistics.median(r["step_time_s"] for r in timed)
+    shape = {k: s[k] for k in ("batch", "prompt", "response", "hidden_size", "num_hidden_layers", "vocab_size")}
+    return harness.result(f"train_step[{algo}]", "fastrlhf", shape, step_s * 1e3,
+                          max(r["peak_mem_mib"] for r in recs), nproc=nproc, fsdp=fsdp,
+                          samples_per_s=nproc * s["batch"] / step_s, steps_timed=len(timed))
+
+
+def main_nproc(args, device, big: bool, s: dict, steps: int) -> int:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fastrlhf-bench-train-") as tmp:
+        tmp = Path(tmp)
+        make_model(tmp / "model", s, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        for algo in args.algos.split(","):
+            one = run_procs(algo, tmp / "model", tmp / f"run-{algo}-1", s, steps, device, 1)
+            many = run_procs(algo, tmp / "model", tmp / f"run-{algo}-{args.nproc}", s, steps, device, args.nproc,
+                             args.fsdp)
+            many["scaling_vs_1"] = many["samples_per_s"] / one["samples_per_s"]
+            results += [one, many]
+    size = "gpu" if big else "smoke"
+    note = (f"{args.nproc} processes on one CUDA machine" if device.type == "cuda" else
+            f"CPU smoke figure: {args.nproc} one-thread processes sharing {os.cpu_count()} cores; it checks "
+            f"the launch path and says little about scaling")
+    path = harness.write_results(f"train_{size}_nproc{args.nproc}{'_fsdp' if args.fsdp else ''}", results, results_dir=args.results_dir,
+                                 extra={"size": size, "note": note})
+    harness.print_table(results, keys=("op", "nproc", "ms", "peak_mem_mib", "samples_per_s", "scaling_vs_1"))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = harness.arg_parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="RL steps per algorithm [default: 4 GPU, 2 CPU]")
     p.add_argument("--algos", default="ppo,ppo-max,apa", help="comma-separated algorithms [default: all three]")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="also run on N processes under torchrun, against one process (module docstring)")
+    p.add_argument("--fsdp", action="store_true", help="with --nproc: the N-process run shards (--fsdp)")
     args, device, big = harness.start(__doc__, argv, p)
     s = GPU if big else CPU
     steps = args.steps or (4 if big else 2)
+    if args.nproc is not None:
+        if args.nproc < 2:
+            raise SystemExit(f"--nproc: expected an int >= 2, got {args.nproc}")
+        return main_nproc(args, device, big, s, steps)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results = []
     with tempfile.TemporaryDirectory(prefix="fastrlhf-bench-train-") as tmp:

@@ -4,7 +4,7 @@ whitening (through `fastrlhf.ops`) (README, "Advantages and rewards")."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,7 +24,10 @@ class RunningMoments:
         n = x.numel()
         if n == 0:
             return
-        b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
+        self.merge(n, x.mean().item(), x.var(unbiased=False).item())
+
+    def merge(self, n: int, b_mean: float, b_var: float):
+        """Fold in a batch of n scores with mean b_mean and population variance b_var."""
         total = self.count + n
         delta = b_mean - self.mean
         m2 = self.var * self.count + b_var * n + delta * delta * self.count * n / total
@@ -106,19 +109,21 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef: float, estim
 
 
 def advantages_and_returns(rewards, values, mask, *, gamma: float, lam: float, whiten: bool = True,
-                           clip: Optional[float] = None):
+                           clip: Optional[float] = None, whiten_fn: Callable = ops.whiten):
     """GAE (returns are R = A + V, unwhitened), then masked advantage whitening and optional ±clip
     (`normalize_advantages`). All [B, T] float32; 0 on pads."""
     adv, returns = ops.gae(rewards.float(), values.float(), mask.float(), gamma=gamma, lam=lam)
-    return normalize_advantages(adv, mask, whiten=whiten, clip=clip), returns
+    return normalize_advantages(adv, mask, whiten=whiten, clip=clip, whiten_fn=whiten_fn), returns
 
 
-def normalize_advantages(adv, mask, *, whiten: bool = True, clip: Optional[float] = None):
+def normalize_advantages(adv, mask, *, whiten: bool = True, clip: Optional[float] = None,
+                         whiten_fn: Callable = ops.whiten):
     """adv, mask [B, T] -> adv whitened over all valid tokens together (when `whiten`), then clipped to ±clip
     (when given); 0 on pads. The trainer calls it on the whole rollout or, with --whiten_scope minibatch, on
-    each optimizer step's rows."""
+    each optimizer step's rows. `whiten_fn(x, mask)`: the whitening (on several processes, over every
+    process's tokens: fastrlhf.distributed.Dist.whiten)."""
     if whiten:
-        adv = ops.whiten(adv, mask.float())
+        adv = whiten_fn(adv, mask.float())
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv * mask.float()

@@ -295,16 +295,33 @@ def remove_run(output_dir):
 
 def save_run(run: Run) -> Path:
     """Checkpoint the run at its current step: the trainable weights, the reference when the warm-start
-    changed it, the optimizer, schedule, reward-shaping state, random streams and the held-out score."""
+    changed it, the optimizer, schedule, reward-shaping state, random streams and the held-out score.
+    On several processes every rank calls it: the weights, optimizer and shaping state are the same on
+    every rank and rank 0 writes them, with every rank's random streams ("rank_rng", rank order) and
+    the world size; the others wait until the checkpoint is in place. Under --fsdp the weights and the
+    optimizer state are first gathered whole to rank 0 (distributed.full_state; the optimizer's keyed by
+    parameter name), so the checkpoint reads like a one-process one."""
+    from .distributed import full_state, is_sharded
+
+    dist = run.dist
+    rank_rng = dist.objects([run.streams.state()]) if dist.active else None
+    sharded = full_state(run) if is_sharded(run.parallel) else None    # --fsdp: gathered to rank 0
+    if not dist.is_main:
+        dist.barrier()
+        return Path(run.cfg.output_dir) / f"checkpoint-{run.step}"
     b = run.bundle
-    state = {"step": run.step, "policy": trainable_state(b.policy),
-             "value_head": b.value_head.state_dict(),
-             "critic": trainable_state(b.critic) if b.critic is not None else None,
-             "reference": run.reference_state, "optimizer": run.optim.optimizer.state_dict(),
-             "scheduler": run.optim.scheduler.state_dict(), "moments": run.shaping.moments.state_dict(),
-             "kl_ctl": run.shaping.kl_ctl.state_dict(), "rng": run.streams.state(),
-             "eval_before": run.eval_before}
-    return save(run.cfg.output_dir, run.step, state, run.cfg.to_dict(), keep=run.cfg.save_total_limit)
+    weights = sharded if sharded is not None else {
+        "policy": trainable_state(b.policy), "value_head": b.value_head.state_dict(),
+        "critic": trainable_state(b.critic) if b.critic is not None else None,
+        "reference": run.reference_state, "optimizer": run.optim.optimizer.state_dict()}
+    state = {"step": run.step, **weights, "scheduler": run.optim.scheduler.state_dict(),
+             "moments": run.shaping.moments.state_dict(), "kl_ctl": run.shaping.kl_ctl.state_dict(),
+             "rng": run.streams.state(), "eval_before": run.eval_before}
+    if dist.active:
+        state.update(world_size=dist.world_size, rank_rng=rank_rng)
+    path = save(run.cfg.output_dir, run.step, state, run.cfg.to_dict(), keep=run.cfg.save_total_limit)
+    dist.barrier()
+    return path
 
 
 def load_weights(run: Run, state: dict):
@@ -326,11 +343,22 @@ def resume(run: Run, where: str) -> Path:
     if path is None:
         raise ValueError(f"resume: no checkpoint in {run.cfg.output_dir!r}")
     state, saved_cfg = load(path)
+    saved_world, world = state.get("world_size", 1), run.dist.world_size
+    if saved_world != world:
+        raise ValueError(f"resume: {path} was written by {saved_world} process(es), this run has {world}; each "
+                         f"process continues its own random streams, so resume with --nproc_per_node x --nnodes "
+                         f"= {saved_world}, or start a new run from its weights")
     changes = resume_changes(saved_cfg, run.cfg)
-    load_weights(run, state)
-    run.optim.optimizer.load_state_dict(state["optimizer"])
+    from .distributed import is_sharded, load_full_state
+
+    if is_sharded(run.parallel):     # --fsdp: every rank takes its shards of the whole tensors
+        load_full_state(run, state)
+        run.reference_state = {} if state["reference"] is not None else None
+    else:
+        load_weights(run, state)
+        run.optim.optimizer.load_state_dict(state["optimizer"])
     run.optim.scheduler.load_state_dict(state["scheduler"])
-    if changes:
+    if changes and run.dist.is_main:
         print("resume: applying flags changed since the checkpoint: "
               + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), file=sys.stderr)
     # the optimizer state carries the checkpoint's learning rates: the run's own (maybe changed) ones win
@@ -340,6 +368,6 @@ def resume(run: Run, where: str) -> Path:
         group["lr"] = base * factor(sched.last_epoch)
     run.shaping.moments.load_state_dict(state["moments"])
     run.shaping.kl_ctl.load_state_dict(state["kl_ctl"])
-    run.streams.set_state(state["rng"])
+    run.streams.set_state(state["rank_rng"][run.dist.rank] if world > 1 else state["rng"])
     run.step, run.eval_before = state["step"], state["eval_before"]
     return path

@@ -241,6 +241,12 @@ class TrainConfig:
                                      ("response", "prompt_response", None))
     log_samples: int = _f(4, "per step, append the first N (prompt, response, reward) of the rollout to "
                              "<output_dir>/samples.jsonl (0: off)")
+    # --- several processes (README, "More than one GPU") ---
+    fsdp: bool = _f(False, "under torchrun: shard the policy, reference and critic (FSDP2 fully_shard per "
+                           "transformer block) and their gradients and optimizer state, instead of replicating "
+                           "them (DDP)")
+    dist_timeout_s: float = _f(1800.0, "under torchrun: seconds any collective (all-reduce, barrier) may wait for "
+                                       "the other processes before the job fails (torch's default: 1800)")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"flag": False})
 
     def resolved(self, explicit=()) -> "TrainConfig":
@@ -452,7 +458,7 @@ def parse_args(argv, prog="fastrlhf train") -> TrainConfig:
 # checkpoint's, since the saved weights, optimizer state, running statistics and random streams depend on it.
 RESUMABLE = ("resume", "overwrite_output_dir", "output_dir", "max_steps", "save_steps", "save_minutes",
              "save_total_limit", "report_to", "logging_steps", "eval_samples", "num_threads", "device",
-             "learning_rate", "critic_learning_rate", "max_memory_gb", "log_samples")
+             "learning_rate", "critic_learning_rate", "max_memory_gb", "log_samples", "dist_timeout_s")
 
 
 def _flat(d: dict) -> dict:
@@ -529,7 +535,7 @@ def validate(cfg: TrainConfig):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{f.name}: expected a finite number, got {v!r}")
     for name in ("learning_rate", "critic_learning_rate", "sft_learning_rate", "temperature", "kl_target",
-                 "kl_horizon"):
+                 "kl_horizon", "dist_timeout_s"):
         v = getattr(cfg, name)
         if not v > 0:
             raise ValueError(f"{name}: expected a number > 0, got {v!r}")
@@ -620,4 +626,16 @@ def validate(cfg: TrainConfig):
                          f"got --task {cfg.task!r}")
     if cfg.bf16 and cfg.device == "cuda" and cfg.model.dtype in ("float16", "fp16"):
         raise ValueError("bf16: autocast to bf16 with a float16 model; pass --no-bf16 or --dtype bfloat16")
+    if cfg.fsdp:
+        m = cfg.model
+        quantized = [f"--{k}" for k in ("load_in_4bit", "load_in_8bit", "ref_load_in_8bit") if getattr(m, k)]
+        if quantized:
+            raise ValueError(f"fsdp: bitsandbytes' quantized weights ({', '.join(quantized)}) cannot be sharded "
+                             f"by fully_shard; drop --fsdp (DDP replicates them) or the quantization")
+        if m.use_peft and cfg.sft_steps:
+            raise ValueError(f"fsdp: with --use_peft the warm start's reference is a second LoRA adapter, which "
+                             f"cannot join a sharded model; expected --sft_steps 0, got {cfg.sft_steps}")
+        if cfg.optim != "adamw_torch":
+            raise ValueError(f"fsdp: bitsandbytes' 8-bit optimizers do not take sharded (DTensor) parameters; "
+                             f"expected --optim adamw_torch, got {cfg.optim!r}")
     validate_model(cfg.model)

@@ -54,7 +54,7 @@ def eval_main(argv=None) -> int:
                 raise ValueError(f"checkpoint: no checkpoint in {args.checkpoint!r}")
         state, cfg_dict = checkpoint.load(path)
         cfg = TrainConfig.from_dict(cfg_dict)
-        cfg = dataclasses.replace(cfg, device=args.device, resume=None, sft_steps=0)
+        cfg = dataclasses.replace(cfg, device=args.device, resume=None, sft_steps=0, fsdp=False)   # one process
         if args.reward is not None:
             cfg = dataclasses.replace(cfg, reward=args.reward)
             validate(cfg)

@@ -385,14 +385,22 @@ def _checkpoint_path(cfg: ModelConfig, tokenizer):
         return
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
+    from safetensors.torch import save_model
+
     arch = GPT2LMHeadModel if cfg.builtin_model in PADULA_SIZES else LlamaForCausalLM
     with tempfile.TemporaryDirectory(prefix="fastrlhf-tiny-") as tmp:
         rng_state = torch.random.get_rng_state()
         torch.manual_seed(cfg.tiny_seed)
         try:
-            arch(builtin_config(cfg, tokenizer)).save_pretrained(tmp)
+            model = arch(builtin_config(cfg, tokenizer))
         finally:
             torch.random.set_rng_state(rng_state)
+        # The files save_pretrained writes (config.json, generation_config.json, model.safetensors), written
+        # by every process: under an initialized torch.distributed group save_pretrained writes on rank 0
+        # only (transformers.distributed.mixin.should_save_on_this_rank), and each rank has its own tmp.
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         yield tmp
 

@@ -30,10 +30,11 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, metrics, ops
+from . import checkpoint, distributed, metrics, ops
 from .algos import (AdaptiveKL, RunningMoments, advantages_and_returns, normalize_advantages, scale_scores,
                     token_rewards)
 from .config import TrainConfig, parse_args
+from .distributed import Dist
 from .fused_linear import fused_linear_batch_probs, fused_linear_policy_loss
 from .generation import draw_lengths, generate, strip_stop
 from .hf import output_layer
@@ -41,7 +42,7 @@ from .memory import PhaseMemory, out_of_memory_message, plan_memory
 from .models import Bundle, copy_critic, freeze_bottom_blocks, load
 from .optim import make_optimizer
 from .passes import nll, response_logprobs_and_entropy, sequence_hidden_states, value_forward
-from .ref import BatchProbs, masked_mean
+from .ref import BatchProbs
 from .rewards import make_reward, scores_tensor
 from .sequences import encode_prompts, pad_rows
 from .tasks import load_prompts, make_task
@@ -118,6 +119,8 @@ class Run:
     reference_state: Optional[dict] = None   # the reference's weights when the warm-start changed them
     step: int = 0
     eval_before: Optional[float] = None      # held-out score before the first step
+    dist: Dist = dataclasses.field(default_factory=Dist)   # this process's rank (fastrlhf.distributed)
+    parallel: Optional[torch.nn.Module] = None             # the DDP wrapper / FSDP root of the models, or None
 
     @property
     def device(self):
@@ -180,7 +183,10 @@ def memory_sizes(cfg: TrainConfig, bundle: Bundle) -> MemorySizes:
                        generation_batch=plan.generation_batch, loss_chunk=plan.loss_chunk_size)
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, dist: Optional[Dist] = None) -> Run:
+    """The run's models, task, reward, optimizer and state; on several processes (`dist`) each rank gets
+    its own prompt shard and random streams (fastrlhf.distributed)."""
+    dist = dist or Dist()
     device = resolve_device(cfg.device)
     threads = cfg.num_threads or (1 if cfg.model.model_name_or_path is None else None)
     if threads and device.type == "cpu":
@@ -190,7 +196,9 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.critic == "copy":
         copy_critic(bundle)
     freeze_bottom_blocks(bundle.policy, cfg.num_layers_unfrozen)
-    task = make_task(cfg.task, digits=cfg.digits, operators=cfg.operators, prompts_file=cfg.prompts)
+    parallel = distributed.shard(dist, bundle) if cfg.fsdp else None     # before the optimizer takes the params
+    task = distributed.shard_task(make_task(cfg.task, digits=cfg.digits, operators=cfg.operators,
+                                            prompts_file=cfg.prompts), dist)
     reward_fn = make_reward(cfg.reward, reward_model=cfg.reward_model, reward_label=cfg.reward_label,
                             partial_credit=cfg.partial_credit, device=device, tokenizer=bundle.tokenizer,
                             reward_input=cfg.reward_input)
@@ -204,11 +212,11 @@ def setup(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, bundle=bundle,
                job=Job(task=task, reward_fn=reward_fn, ptx_texts=load_prompts(cfg.ptx_file) if cfg.ptx_file else None),
                optim=Optimization(optimizer=optimizer, scheduler=scheduler),
-               shaping=Shaping(moments=RunningMoments(),
+               shaping=Shaping(moments=distributed.GlobalMoments(dist) if dist.active else RunningMoments(),
                                kl_ctl=AdaptiveKL(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None,
                                                  cfg.kl_horizon)),
-               streams=RandomStreams.seeded(cfg.seed, device), sizes=memory_sizes(cfg, bundle),
-               memory=PhaseMemory(device))
+               streams=RandomStreams.seeded(distributed.stream_seed(dist, cfg.seed), device),
+               sizes=memory_sizes(cfg, bundle), memory=PhaseMemory(device), dist=dist, parallel=parallel)
 
 
 @contextlib.contextmanager
@@ -359,7 +367,7 @@ def rollout(run: Run, prompts) -> Rollout:
     later = per_minibatch_whitening(cfg)   # then `update` whitens and clips each mini-batch's advantages
     adv, returns = advantages_and_returns(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam,
                                           whiten=cfg.whiten_advantages and not later,
-                                          clip=None if later else cfg.adv_clip)
+                                          clip=None if later else cfg.adv_clip, whiten_fn=run.dist.whiten)
     m = mask.float()
     return Rollout(input_ids=seq, attn=attn, P=P, mask=mask, labels=labels, old_logprobs=old_lp, ref_logprobs=ref_lp,
                    old_values=old_values, advantages=adv, returns=returns, entropy=entropy, raw_scores=raw,
@@ -377,11 +385,13 @@ def per_minibatch_whitening(cfg: TrainConfig) -> bool:
     return bool(cfg.whiten_advantages) and cfg.whiten_scope == "minibatch" and cfg.num_mini_batches > 1
 
 
-def minibatch_advantages(cfg: TrainConfig, roll: Rollout, mini: torch.Tensor) -> Rollout:
+def minibatch_advantages(cfg: TrainConfig, roll: Rollout, mini: torch.Tensor, whiten_fn=ops.whiten) -> Rollout:
     """`roll` with the advantages of its rows `mini` whitened over those rows' valid tokens together (and
-    clipped to ±adv_clip), for --whiten_scope minibatch (README, "Advantages and rewards")."""
+    clipped to ±adv_clip), for --whiten_scope minibatch (README, "Advantages and rewards"); `whiten_fn`: on
+    several processes `Dist.whiten`, over every rank's mini-batch."""
     adv = roll.advantages.clone()
-    adv[mini] = normalize_advantages(roll.advantages[mini], roll.mask[mini], whiten=True, clip=cfg.adv_clip)
+    adv[mini] = normalize_advantages(roll.advantages[mini], roll.mask[mini], whiten=True, clip=cfg.adv_clip,
+                                     whiten_fn=whiten_fn)
     return dataclasses.replace(roll, advantages=adv)
 
 
@@ -450,11 +460,17 @@ def micro_batch_loss(run: Run, mb: Rollout, loss_cfg, batch_probs: Optional[Batc
 def mini_batch_probs(run: Run, roll: Rollout, mini: torch.Tensor) -> Optional[BatchProbs]:
     """The batch-entropy statistics of the mini-batch `mini` (rows of the rollout): a no-grad forward of
     each of its micro-batches at the current weights, summed (README, "Batch entropy"). None when batch
-    entropy is off, or when the mini-batch is one micro-batch (its loss forward gives them: no extra pass).
-    The forward runs in the update's mode, as the loss's does (dropout, where a model has it, draws anew)."""
+    entropy is off, or when the mini-batch is one micro-batch on one process (its loss forward gives them: no
+    extra pass). On several processes the sums are every rank's (`Dist.batch_probs`). The forward runs in
+    the update's mode, as the loss's does (dropout, where a model has it, draws anew)."""
     cfg = run.cfg
-    if not cfg.batch_entropy_coef or len(mini) <= run.sizes.micro_batch:
+    if not cfg.batch_entropy_coef or (len(mini) <= run.sizes.micro_batch and not run.dist.active):
         return None
+    return run.dist.batch_probs(distributed.gathered(run.parallel, _batch_probs, run, roll, mini))
+
+
+def _batch_probs(run: Run, roll: Rollout, mini: torch.Tensor) -> BatchProbs:
+    cfg = run.cfg
     weight, bias = output_layer(run.bundle.policy)
     total = None
     for idx in mini.split(run.sizes.micro_batch):
@@ -471,23 +487,30 @@ def mini_batch_probs(run: Run, roll: Rollout, mini: torch.Tensor) -> Optional[Ba
 def accumulate_gradients(run: Run, roll: Rollout, mini: torch.Tensor, loss_cfg) -> list:
     """Backward of one mini-batch (rows `mini` of the rollout), micro-batch by micro-batch.
 
-    The loss is the masked mean over all response tokens of the mini-batch: each micro-batch's masked
-    mean is weighted by its share of those tokens, so the gradient does not depend on the micro-batch size.
-    Batch entropy is the mini-batch's H_batch, whatever the micro-batch size: with several micro-batches,
-    `mini_batch_probs` gives the mini-batch's p̄ first, and each micro-batch's loss carries its part of
-    H_batch (the parts add up to it and their gradients are exact), which enters with weight 1: its
-    coefficient is divided by the token share that the whole micro-batch loss is multiplied by.
+    The loss is the masked mean over all response tokens of the mini-batch (on several processes, of every
+    rank's mini-batch: `Dist.loss_tokens`): each micro-batch's masked mean is weighted by its share of
+    those tokens, so the gradient does not depend on the micro-batch size or the number of processes.
+    Batch entropy is the mini-batch's H_batch, whatever the micro-batch size (on several processes, the
+    mini-batch of every rank: `mini_batch_probs` sums the statistics over the ranks): with several
+    micro-batches, `mini_batch_probs` gives the mini-batch's p̄ first, and each micro-batch's loss carries its
+    part of H_batch (the parts add up to it and their gradients are exact), which enters with weight 1: its
+    coefficient is divided by the token share that the whole micro-batch loss is multiplied by (and
+    multiplied by the number of processes, whose gradients DDP averages).
     """
     stats = []
-    tokens = roll.mask[mini].sum().clamp_min(1)
+    dist = run.dist
+    tokens = dist.loss_tokens(roll.mask[mini].sum()).clamp_min(1)
     batch_probs = mini_batch_probs(run, roll, mini)
-    for idx in mini.split(run.sizes.micro_batch):
+    micro = mini.split(run.sizes.micro_batch)
+    for i, idx in enumerate(micro):
         share = roll.mask[idx].sum() / tokens
         cfg_mb = loss_cfg
         if batch_probs is not None and bool(share > 0):   # a share of 0: no valid row, no part of H_batch
-            cfg_mb = dataclasses.replace(loss_cfg, batch_entropy_coef=loss_cfg.batch_entropy_coef / share.item())
-        loss, s = micro_batch_loss(run, roll.rows(idx), cfg_mb, batch_probs)
-        (loss * share).backward()
+            coef = loss_cfg.batch_entropy_coef * dist.world_size if dist.active else loss_cfg.batch_entropy_coef
+            cfg_mb = dataclasses.replace(loss_cfg, batch_entropy_coef=coef / share.item())
+        with distributed.no_sync(run.parallel, last=i == len(micro) - 1):   # DDP averages at the last one
+            loss, s = distributed.call(run.parallel, micro_batch_loss, run, roll.rows(idx), cfg_mb, batch_probs)
+            (loss * share).backward()
         stats.append({"loss": loss.detach(), **s})
     return stats
 
@@ -504,7 +527,7 @@ def update(run: Run, roll: Rollout) -> dict:
         order = torch.randperm(B, generator=run.streams.shuffle).to(run.device)
         for mini in order.split(per_step):
             opt.optimizer.zero_grad(set_to_none=True)
-            batch = minibatch_advantages(cfg, roll, mini) if per_minibatch_whitening(cfg) else roll
+            batch = minibatch_advantages(cfg, roll, mini, run.dist.whiten) if per_minibatch_whitening(cfg) else roll
             step_stats = accumulate_gradients(run, batch, mini, loss_cfg)
             stats += step_stats
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
@@ -525,38 +548,47 @@ def update(run: Run, roll: Rollout) -> dict:
 # The loop
 # ----------------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, dist: Optional[Dist] = None) -> dict:
+    """The run; on several processes (`dist`, fastrlhf.distributed.session) rank 0 writes its files and
+    every rank returns the summary."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate  # here, not at the top: fastrlhf.evaluate builds on this module
 
     t_start = time.perf_counter()
-    run = setup(cfg)
+    run = setup(cfg, dist)
+    dist, main = run.dist, run.dist.is_main
     out_dir = Path(cfg.output_dir)
-    if cfg.overwrite_output_dir:
-        checkpoint.remove_run(out_dir)                                 # the previous run's files
-    checkpoint.clean_partial(out_dir)                                  # what a killed save left behind
+    if main:
+        if cfg.overwrite_output_dir:
+            checkpoint.remove_run(out_dir)                             # the previous run's files
+        checkpoint.clean_partial(out_dir)                              # what a killed save left behind
+    dist.barrier()
     if cfg.resume:
         path = checkpoint.resume(run, cfg.resume)
-        print(f"resumed from {path} (step {run.step})", file=sys.stderr)
+        if main:
+            print(f"resumed from {path} (step {run.step})", file=sys.stderr)
     else:
         if cfg.sft_steps:
-            warm_start(run)
+            warm_start(run)       # identical on every rank (its stream is seeded by --seed alone)
         if cfg.eval_samples:
-            run.eval_before = evaluate(run, cfg.eval_samples, seed=cfg.seed)
-    log = metrics.MetricsLogger(out_dir, report_to=cfg.report_to, start_step=run.step)
-    samples = metrics.SampleLogger(out_dir, cfg.log_samples, start_step=run.step)
+            run.eval_before = distributed.gathered(run.parallel, evaluate, run, cfg.eval_samples, seed=cfg.seed)
+    if run.parallel is None:                                           # --fsdp: sharded in setup
+        run.parallel = distributed.wrap(dist, run.bundle,              # None on one process
+                                        find_unused_parameters=cfg.critic_warmup_steps > 0)
+    log = metrics.MetricsLogger(out_dir, report_to=cfg.report_to, start_step=run.step) if main else None
+    samples = metrics.SampleLogger(out_dir, cfg.log_samples, start_step=run.step) if main else None
     batch = rollout_batch(cfg)
     bar = tqdm(range(run.step + 1, cfg.max_steps + 1), initial=run.step, total=cfg.max_steps, desc=cfg.algo,
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, disable=None if main else True)
     saved_step, saved_at = run.step, time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
         try:
             before = rollout_state(run)
             prompts = run.job.task.sample(batch, run.streams.data)         # 1. prompts
-            roll = rollout(run, prompts)                                   # 2-6. generate … advantages
-            snapshot = None if run.step in (0, saved_step) else update_snapshot(run)
+            roll = distributed.gathered(run.parallel, rollout, run, prompts)   # 2-6. generate … advantages
+            snapshot = None if run.step in (0, saved_step) or dist.active else update_snapshot(run)
         except BaseException:   # a reward function that raises, Ctrl-C, ...: keep the last completed step
             save_last_step(run, before, saved_step)
             raise
@@ -568,37 +600,53 @@ def train(cfg: TrainConfig) -> dict:
                 if isinstance(exc, FloatingPointError):
                     raise SystemExit(f"fastrlhf train: step {step}: {exc}") from None
                 raise
-        kl = roll.kl_seq.mean().item()
-        run.shaping.kl_ctl.update(kl, batch)                               # 8. adaptive KL
+        # every rank's rows (one process: this one's), for the statistics below
+        raw, scaled, kl_seq, response_len, gap = (dist.cat(t) for t in (roll.raw_scores, roll.scores, roll.kl_seq,
+                                                                          roll.response_len, roll.logprob_gap))
+        kl = kl_seq.mean().item()
+        n_seq = raw.shape[0]
+        run.shaping.kl_ctl.update(kl, n_seq)                               # 8. adaptive KL
         run.step = step
         dt = time.perf_counter() - t0
-        record = {"step": step, "reward_mean": roll.raw_scores.mean().item(),
-                  "reward_std": roll.raw_scores.std().item() if batch > 1 else 0.0,
-                  "score_scaled_mean": roll.scores.mean().item(), "kl": kl, "kl_coef": run.shaping.kl_ctl.value,
-                  "entropy": masked_mean(roll.entropy, roll.mask.float()).item(),
-                  "logprob_gap": roll.logprob_gap.max().item(), **stats,
-                  "response_len": roll.response_len.mean().item(),
-                  "tokens_per_s": roll.response_len.sum().item() / dt, "step_time_s": dt,
+        all_prompts, all_texts = dist.objects(prompts), dist.objects(roll.texts)
+        memory = dist.maximum({"peak_mem_mib": max(run.memory.peaks.values()) or metrics.peak_mem_mib(run.device),
+                               **run.memory.metrics()})
+        record = {"step": step, "reward_mean": raw.mean().item(),
+                  "reward_std": raw.std().item() if n_seq > 1 else 0.0,
+                  "score_scaled_mean": scaled.mean().item(), "kl": kl, "kl_coef": run.shaping.kl_ctl.value,
+                  "entropy": dist.masked_mean(roll.entropy, roll.mask.float()).item(),
+                  "logprob_gap": gap.max().item(), **dist.average(stats),
+                  "response_len": response_len.mean().item(),
+                  "tokens_per_s": response_len.sum().item() / dt, "step_time_s": dt,
                   "lr": run.optim.scheduler.get_last_lr()[0],
-                  "peak_mem_mib": max(run.memory.peaks.values()) or metrics.peak_mem_mib(run.device),
-                  **run.memory.metrics(), **task_metrics(run, prompts, roll.texts)}
-        log.log(record)                                                    # 9. metrics
-        samples.log(step, prompts, roll.texts, roll.raw_scores.tolist())
+                  "peak_mem_mib": memory.pop("peak_mem_mib"), **memory,
+                  **task_metrics(run, all_prompts, all_texts)}
+        if dist.active:
+            record["world_size"] = dist.world_size
+        if main:
+            log.log(record)                                                # 9. metrics
+            samples.log(step, all_prompts, all_texts, raw.tolist())
         if step % cfg.logging_steps == 0:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{kl:.3f}",
                             ent=f"{record['entropy']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
         due = (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or (
-            cfg.save_minutes and time.perf_counter() - saved_at >= 60 * cfg.save_minutes)
+            cfg.save_minutes and dist.maximum({"t": time.perf_counter() - saved_at})["t"] >= 60 * cfg.save_minutes)
         if due:
             checkpoint.save_run(run)                                       # 10. checkpoint
             saved_step, saved_at = step, time.perf_counter()
     bar.close()
-    log.close()
-    metrics.plot(log.records, out_dir / "curves.png")
-    summary = metrics.summary(log.records, wall_s=time.perf_counter() - t_start,
-                              peak_mib=max([r["peak_mem_mib"] for r in log.records] or [metrics.peak_mem_mib(run.device)]))
+    if main:
+        log.close()
+        metrics.plot(log.records, out_dir / "curves.png")
+        summary = metrics.summary(log.records, wall_s=time.perf_counter() - t_start,
+                                  peak_mib=max([r["peak_mem_mib"] for r in log.records]
+                                               or [metrics.peak_mem_mib(run.device)]))
+    eval_after = distributed.gathered(run.parallel, evaluate, run, cfg.eval_samples, seed=cfg.seed) \
+        if cfg.eval_samples else None                                  # every rank
+    if not main:
+        return {}
     summary["eval_before"] = run.eval_before
-    summary["eval_after"] = evaluate(run, cfg.eval_samples, seed=cfg.seed) if cfg.eval_samples else None
+    summary["eval_after"] = eval_after
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     line = metrics.format_summary(summary)
     if summary["eval_after"] is not None and summary["eval_before"] is not None:
@@ -653,8 +701,10 @@ def save_last_step(run: Run, before: tuple, saved_step: int, snapshot: Optional[
     nothing: put back the random streams and reward-scaling moments the failed rollout advanced (`before`,
     `rollout_state`) and, for an error in the update, the weights, optimizer and schedule from the
     `update_snapshot` taken before it (the KL controller moves only after a completed update). Nothing is
-    written when no RL step has completed or the last one is saved already."""
-    if run.step == 0 or run.step == saved_step:
+    written when no RL step has completed or the last one is saved already, nor on several processes (a
+    checkpoint gathers every rank's random streams, and the rank that failed cannot join: the last
+    checkpoint is the one to resume from)."""
+    if run.step == 0 or run.step == saved_step or run.dist.active:
         return
     run.optim.optimizer.zero_grad(set_to_none=True)   # frees the gradients (after an out-of-memory error)
     if snapshot is not None:
@@ -681,5 +731,6 @@ def main(argv=None) -> int:
         print(f"fastrlhf train: error: {exc}", file=sys.stderr)
         return 2
     quiet_transformers()
-    train(cfg)
+    with distributed.session(cfg.dist_timeout_s, cfg.device) as dist:   # one process: nothing to join
+        train(cfg, dist)
     return 0

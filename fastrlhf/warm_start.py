@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import padula
+from . import distributed, padula
 from .models import reset_reference, sync_critic_copy
 from .passes import nll
 from .sequences import encode_prompts, pad_rows
@@ -67,8 +67,8 @@ def warm_start(run: Run):
     bundle.policy.train()
     for _ in range(cfg.sft_steps):
         seq, attn, start, target = (_chain_batch if chains else _answer_batch)(run, rng)
-        with run.autocast():
-            loss = nll(bundle.policy, seq, attn, start, target)
+        with run.autocast():   # under --fsdp inside the sharded root's forward (run.parallel)
+            loss = distributed.call(run.parallel, nll, bundle.policy, seq, attn, start, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,7 +76,9 @@ def warm_start(run: Run):
             schedule.step()
     if cfg.critic == "copy":
         sync_critic_copy(bundle)
-    run.reference_state = reset_reference(bundle)
+    # under --fsdp the shards stay where they are ({}: changed; a checkpoint gathers them whole)
+    run.reference_state = distributed.reset_sharded_reference(bundle) if distributed.is_sharded(run.parallel) \
+        else reset_reference(bundle)
 
 
 __all__ = ["sft_example", "warm_start"]

@@ -441,8 +441,8 @@ def test_every_metric_in_metrics_jsonl_matches_its_formula(tmp_path, monkeypatch
     real_setup, real_sample, real_rollout, real_update = train.setup, train.sample, train.rollout, train.update
     steps = []
 
-    def setup_spy(cfg):
-        run = real_setup(cfg)
+    def setup_spy(cfg, dist=None):
+        run = real_setup(cfg, dist)
         with torch.no_grad():
             for p in run.bundle.value_head.parameters():
                 p.normal_()
@@ -704,6 +704,9 @@ KNOB_TESTS = {
     "min_new_tokens": ["test_generate.py::test_trainer_draws_a_length_per_prompt_and_cuts_stop_strings"],
     "reward_input": ["test_rewards.py::test_reward_input_for_reward_models_and_vader"],
     "log_samples": ["test_samples.py::test_train_writes_samples_and_resume_matches_uninterrupted"],
+    "fsdp": ["test_distributed.py::test_update_on_two_ranks_equals_one_process_on_the_whole_batch",
+             "test_distributed.py::test_fsdp_refuses_what_it_cannot_shard"],
+    "dist_timeout_s": ["test_distributed.py::test_session_passes_dist_timeout_s_and_reports_the_failing_rank"],
     "whiten_scope": ["test_paper_knobs.py::test_whiten_scope_minibatch_whitens_each_optimizer_steps_rows"],
     "critic": ["test_paper_knobs.py::test_critic_copy_is_a_separate_trunk_with_an_mlp_head",
                "test_paper_knobs.py::test_critic_copy_starts_from_the_warm_started_policy"],
