@@ -19,42 +19,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from replicate_padula import smooth  # noqa: E402
+from train_runs import band, mean_sd, run_grid, train_run  # noqa: E402
 
-from fastrlhf.metrics import fifth_means, read_metrics  # noqa: E402
+from fastrlhf.metrics import fifth_means  # noqa: E402
 
 CURVES = ("reward_mean", "kl", "entropy", "response_len")
 
 
-def run_one(algo: str, seed: int, args, extra, work: Path) -> dict:
-    out = work / f"{algo}_s{seed}"
-    cmd = [sys.executable, "-m", "fastrlhf.cli", "train", "--algo", algo, "--seed", str(seed),
-           "--max_steps", str(args.max_steps), "--output_dir", str(out), "--overwrite_output_dir",
-           "--num_threads", "1", "--save_minutes", "0", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"compare_algos: run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    records = read_metrics(out / "metrics.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+def run_one(algo: str, seed: int, work: Path, args, extra) -> dict:
+    cmd, records, summary, wall = train_run(["--algo", algo, "--seed", str(seed), "--max_steps", str(args.max_steps),
+                                             *extra], work / f"{algo}_s{seed}", "compare_algos")
     kl = [r["kl"] for r in records]
     half = kl[len(kl) // 2:]
     print(f"{algo} seed {seed}: {wall:.0f} s, reward {summary['reward_first_fifth']:.3f} -> "
           f"{summary['reward_last_fifth']:.3f}, kl last fifth {fifth_means(records, 'kl')[1]:.4f}",
           file=sys.stderr, flush=True)
-    return {"algo": algo, "seed": seed, "command": cmd[2:], "wall_s": wall,
+    return {"algo": algo, "seed": seed, "command": cmd, "wall_s": wall,
             "eval_before": summary["eval_before"], "eval_after": summary["eval_after"],
             "first_last_fifth": {k: fifth_means(records, k) for k in CURVES},
             "kl_max": max(kl), "kl_sd_last_half": statistics.pstdev(half) if len(half) > 1 else 0.0,
@@ -63,15 +49,12 @@ def run_one(algo: str, seed: int, args, extra, work: Path) -> dict:
 
 def algo_summary(runs: list) -> dict:
     """Mean and (population) sd over seeds of each figure of `run_one`."""
-    def ms(vals):
-        vals = [v for v in vals if v is not None] or [float("nan")]
-        return {"mean": statistics.fmean(vals), "sd": statistics.pstdev(vals), "per_seed": vals}
     out = {"seeds": [r["seed"] for r in runs]}
     for k in CURVES:
-        out[f"{k}_first_fifth"] = ms([r["first_last_fifth"][k][0] for r in runs])
-        out[f"{k}_last_fifth"] = ms([r["first_last_fifth"][k][1] for r in runs])
+        out[f"{k}_first_fifth"] = mean_sd([r["first_last_fifth"][k][0] for r in runs])
+        out[f"{k}_last_fifth"] = mean_sd([r["first_last_fifth"][k][1] for r in runs])
     for k in ("eval_before", "eval_after", "kl_max", "kl_sd_last_half"):
-        out[k] = ms([r[k] for r in runs])
+        out[k] = mean_sd([r[k] for r in runs])
     return out
 
 
@@ -85,10 +68,7 @@ def plot(by_algo: dict, path: Path, w: int, title: str):
     for algo, runs in by_algo.items():
         steps = runs[0]["curves"]["step"]
         for ax, (k, _) in zip(axes, keys):
-            per_seed = [smooth(r["curves"][k], w) for r in runs]
-            line, = ax.plot(steps, [statistics.fmean(v) for v in zip(*per_seed)], label=algo)
-            ax.fill_between(steps, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
-                            color=line.get_color(), alpha=0.15)
+            band(ax, steps, [r["curves"][k] for r in runs], algo, w)
     for ax, (_, t) in zip(axes, keys):
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("PPO step")
@@ -111,12 +91,7 @@ def main(argv=None):
     p.add_argument("--work_dir", default=None, help="where the runs go [default: a temporary directory]")
     args, extra = p.parse_known_args(argv)
     grid = [(a, s) for a in args.algos for s in args.seeds]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="compare_algos_") as tmp:
-        work = Path(args.work_dir or tmp)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            runs = list(pool.map(lambda g: run_one(*g, args, extra, work), grid))
-    wall = time.perf_counter() - t0
+    runs, wall = run_grid(lambda *g: run_one(*g, args, extra), grid, args.jobs, args.work_dir, "compare_algos_")
     by_algo = {}
     for r in runs:
         by_algo.setdefault(r["algo"], []).append(r)

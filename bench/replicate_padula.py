@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from train_runs import band, mean_sd, run_grid, train_run  # noqa: E402
 
-from fastrlhf.metrics import fifth_means, read_metrics  # noqa: E402
+from fastrlhf.metrics import fifth_means  # noqa: E402
 
 CURVES = ("reward_mean", "exact_rate", "answer_entropy", "distinct_answers", "answer_mode_frac", "entropy")
 TITLES = {"reward_mean": "mean reward", "exact_rate": "exact-answer rate",
@@ -42,26 +37,18 @@ TITLES = {"reward_mean": "mean reward", "exact_rate": "exact-answer rate",
           "answer_mode_frac": "share of the most common answer", "entropy": "token entropy (nats)"}
 
 
-def run_one(seed: int, ent: float, bent: float, args, extra, work: Path) -> dict:
+def run_one(seed: int, ent: float, bent: float, work: Path, args, extra) -> dict:
     out = work / f"s{seed}_ent{ent}_bent{bent}"
-    cmd = [sys.executable, "-m", "fastrlhf.cli", "train", "--recipe", "padula-arithmetic", "--seed", str(seed),
-           "--entropy_coef", str(ent), "--batch_entropy_coef", str(bent), "--max_steps", str(args.max_steps),
-           "--output_dir", str(out), "--overwrite_output_dir", "--num_threads", "1", "--save_minutes", "0",
-           *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"replicate_padula: run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    records = read_metrics(out / "metrics.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
+    cmd, records, summary, wall = train_run(
+        ["--recipe", "padula-arithmetic", "--seed", str(seed), "--entropy_coef", str(ent), "--batch_entropy_coef",
+         str(bent), "--max_steps", str(args.max_steps), *extra], out, "replicate_padula")
     samples_file = out / "samples.jsonl"   # written by trainers with --log_samples
     samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()] \
         if samples_file.is_file() else []
     last_step = records[-1]["step"]
     print(f"seed {seed} entropy_coef {ent} batch_entropy_coef {bent}: {wall:.0f} s, reward "
           f"{summary['reward_first_fifth']:.3f} -> {summary['reward_last_fifth']:.3f}", file=sys.stderr, flush=True)
-    return {"seed": seed, "entropy_coef": ent, "batch_entropy_coef": bent, "command": cmd[2:], "wall_s": wall,
+    return {"seed": seed, "entropy_coef": ent, "batch_entropy_coef": bent, "command": cmd, "wall_s": wall,
             "eval_before": summary["eval_before"], "eval_after": summary["eval_after"],
             "first_last_fifth": {k: fifth_means(records, k) for k in CURVES},
             "curves": {k: [r.get(k) for r in records] for k in ("step",) + CURVES},
@@ -70,21 +57,13 @@ def run_one(seed: int, ent: float, bent: float, args, extra, work: Path) -> dict
 
 def cell_summary(runs: list) -> dict:
     """Mean and (population) sd over seeds of each first/last-fifth mean and of the held-out greedy reward."""
-    def ms(vals):  # the held-out greedy reward is None with --eval_samples 0
-        vals = [v for v in vals if v is not None] or [float("nan")]
-        return {"mean": statistics.fmean(vals), "sd": statistics.pstdev(vals), "per_seed": vals}
     out = {"seeds": [r["seed"] for r in runs]}
     for k in CURVES:
-        out[f"{k}_first_fifth"] = ms([r["first_last_fifth"][k][0] for r in runs])
-        out[f"{k}_last_fifth"] = ms([r["first_last_fifth"][k][1] for r in runs])
-    out["eval_before"] = ms([r["eval_before"] for r in runs])
-    out["eval_after"] = ms([r["eval_after"] for r in runs])
+        out[f"{k}_first_fifth"] = mean_sd([r["first_last_fifth"][k][0] for r in runs])
+        out[f"{k}_last_fifth"] = mean_sd([r["first_last_fifth"][k][1] for r in runs])
+    out["eval_before"] = mean_sd([r["eval_before"] for r in runs])
+    out["eval_after"] = mean_sd([r["eval_after"] for r in runs])
     return out
-
-
-def smooth(xs: list, w: int) -> list:
-    """Trailing mean over the last `w` values (fewer at the start)."""
-    return [statistics.fmean(xs[max(0, i - w + 1):i + 1]) for i in range(len(xs))]
 
 
 def plot(cells: dict, path: Path, w: int):
@@ -97,11 +76,7 @@ def plot(cells: dict, path: Path, w: int):
     for (ent, bent), runs in cells.items():
         steps = runs[0]["curves"]["step"]
         for ax, k in zip(axes, keys):
-            per_seed = [smooth(r["curves"][k], w) for r in runs]
-            mean = [statistics.fmean(v) for v in zip(*per_seed)]
-            line, = ax.plot(steps, mean, label=f"β_ENT={ent}, β_BENT={bent}")
-            ax.fill_between(steps, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
-                            color=line.get_color(), alpha=0.15)
+            band(ax, steps, [r["curves"][k] for r in runs], f"β_ENT={ent}, β_BENT={bent}", w)
     for ax, k in zip(axes, keys):
         ax.set_title(TITLES[k], fontsize=10)
         ax.set_xlabel("PPO step")
@@ -126,12 +101,7 @@ def main(argv=None):
     p.add_argument("--work_dir", default=None, help="where the runs go [default: a temporary directory]")
     args, extra = p.parse_known_args(argv)
     grid = [(s, e, b) for e in args.entropy_coefs for b in args.batch_entropy_coefs for s in args.seeds]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="replicate_padula_") as tmp:
-        work = Path(args.work_dir or tmp)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            runs = list(pool.map(lambda g: run_one(*g, args, extra, work), grid))
-    wall = time.perf_counter() - t0
+    runs, wall = run_grid(lambda *g: run_one(*g, args, extra), grid, args.jobs, args.work_dir, "replicate_padula_")
     cells = {}
     for r in runs:
         cells.setdefault((r["entropy_coef"], r["batch_entropy_coef"]), []).append(r)
