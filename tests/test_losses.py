@@ -41,6 +41,7 @@ def test_kl_k3_nonnegative_and_zero_at_equality():
 @pytest.mark.parametrize("clips", [(0.2, 0.2), (0.1, 0.28)])
 def test_ppo_policy_loss_value_and_grad(dual_clip, clips):
     lp, old, _, adv, mask = _inputs()
+    old[:, ::3] -= 1.5          # ratios e^1.5 = 4.5 > the dual clip's 3 on some negative-advantage tokens
     lo, hi = clips
     x = lp.float().requires_grad_()
     loss, stats = F.ppo_policy_loss(x, old.float(), adv.float(), mask, clip_low=lo, clip_high=hi,
@@ -49,6 +50,8 @@ def test_ppo_policy_loss_value_and_grad(dual_clip, clips):
     rho = torch.exp(x64 - old)
     L = torch.maximum(-adv * rho, -adv * rho.clamp(1 - lo, 1 + hi))
     if dual_clip is not None:
+        binds = (adv < 0) & (-dual_clip * adv < L) & (mask > 0)
+        assert binds.any()                                      # the dual clip changes this loss
         L = torch.where(adv < 0, torch.minimum(L, -dual_clip * adv), L)
     expected = _mmean(L, mask)
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
@@ -56,8 +59,11 @@ def test_ppo_policy_loss_value_and_grad(dual_clip, clips):
     (g,) = torch.autograd.grad(loss * up, x)
     (g64,) = torch.autograd.grad(expected * up, x64)
     torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-4)
-    assert 0 <= stats["clip_frac"] <= 1
     rho_ = torch.exp(lp - old)
+    clipped = -adv * rho_.clamp(1 - lo, 1 + hi) > -adv * rho_       # the clipped term is the larger one
+    assert 0 < stats["clip_frac"].item() < 1
+    torch.testing.assert_close(stats["clip_frac"].double(), _mmean(clipped.double(), mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats["ratio_mean"].double(), _mmean(rho_, mask), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stats["approx_kl"].double(), _mmean(rho_ - 1 - torch.log(rho_), mask),
                                atol=1e-5, rtol=1e-4)
 
@@ -65,9 +71,11 @@ def test_ppo_policy_loss_value_and_grad(dual_clip, clips):
 def test_apa_policy_loss_value_and_grad():
     lp, _, ref, adv, mask = _inputs()
     x = lp.float().requires_grad_()
-    loss, _ = F.apa_policy_loss(x, ref.float(), adv.float(), mask, adv_coeff=10.0)
+    loss, stats = F.apa_policy_loss(x, ref.float(), adv.float(), mask, adv_coeff=10.0)
     x64 = lp.clone().requires_grad_()
     expected = _mmean((x64 - ref - 10.0 * adv) ** 2, mask)
+    torch.testing.assert_close(stats["apa_residual"].double(), _mmean((lp - ref - 10.0 * adv).abs(), mask),
+                               rtol=1e-5, atol=1e-5)                   # the mean |residual|
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-4)
     (g,) = torch.autograd.grad(loss * 0.3, x)
     (g64,) = torch.autograd.grad(expected * 0.3, x64)

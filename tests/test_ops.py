@@ -193,3 +193,59 @@ def test_config_argument_equals_the_keywords_and_refuses_a_second_knob():
             fn(*args, labels, mask, adv, old, rf, config=cfg, dual_clip=2.0)
         with pytest.raises(TypeError, match="config: expected None or a fastrlhf.LossConfig, got dict"):
             fn(*args, labels, mask, adv, old, rf, config=kw)
+
+
+def test_reference_defaults_are_the_public_ops_defaults():
+    """fastrlhf.ref is the documented spec: each of its public functions that fastrlhf.ops wraps under the
+    same name takes the same keyword defaults (a reference default drifting from the op's would give a
+    direct caller of the reference another loss), and LossConfig's defaults are the loss keywords'."""
+    import inspect
+    shared = [n for n in dir(ref) if not n.startswith("_") and callable(getattr(ref, n)) and hasattr(ops, n)
+              and inspect.isfunction(getattr(ref, n)) and inspect.isfunction(getattr(ops, n))]
+    assert {"logprobs_and_entropy", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_probs", "gae",
+            "whiten", "sample_tokens", "kl_penalty", "token_entropy"} <= set(shared)
+    checked = 0
+    for name in shared:
+        ref_kw = {k: p.default for k, p in inspect.signature(getattr(ref, name)).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+        ops_kw = {k: p.default for k, p in inspect.signature(getattr(ops, name)).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+        for k in ref_kw.keys() & ops_kw.keys():
+            assert ref_kw[k] == ops_kw[k], (name, k, ref_kw[k], ops_kw[k])
+            checked += 1
+    assert checked >= 20
+    loss_kw = inspect.signature(ops.policy_loss_from_logits).parameters
+    for f in __import__("dataclasses").fields(ref.LossConfig):
+        assert loss_kw[f.name].default == f.default, f.name
+
+
+def test_reference_chunking_leaves_values_and_gradients_unchanged(monkeypatch):
+    """The reference works in chunks of rows / positions (ref.CHUNK_BYTES): with chunks of one or two rows
+    or positions, every value and logits gradient equals the one-chunk result (a chunk's result written
+    over, not added to, the total, or chunks over the wrong axis, would change it)."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 3, 7, 5        # fewer tokens than positions: chunks over the wrong axis miss some
+    logits = torch.randn(B, T, V, generator=g) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.25).float()
+    adv, old, rl = (torch.randn(B, T, generator=g) * 0.5 for _ in range(3))
+
+    def everything():
+        x = logits.clone().requires_grad_()
+        lp, ent = ref.logprobs_and_entropy(x, labels, temperature=0.8)
+        h = ref.batch_entropy(x, mask, temperature=0.8)
+        stats = ref.batch_probs(x.detach(), mask, temperature=0.8)
+        cfg = ref.LossConfig(temperature=0.8, entropy_coef=0.1, kl_coef=0.2, batch_entropy_coef=0.3)
+        loss, _ = ref.policy_loss_from_logits(x, labels, mask, adv, old, rl, cfg)
+        (lp.sum() + 0.5 * ent.sum() + 1.3 * h + 0.7 * loss).backward()
+        return [lp, ent, h, stats.probs, stats.count, loss, x.grad]
+
+    one = everything()
+    p64 = torch.softmax(logits.double() / 0.8, -1)                  # the one-chunk result against formulas
+    torch.testing.assert_close(one[0].double(), p64.log().gather(-1, labels[..., None])[..., 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one[3].double(), (mask.double()[..., None] * p64).sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one[4].double(), mask.double().sum(0))
+    for chunk_bytes in (4 * V, 4 * 2 * B * V):     # one row / one position per chunk, then two positions
+        monkeypatch.setattr(ref, "CHUNK_BYTES", chunk_bytes)
+        for a, b in zip(everything(), one):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
