@@ -331,11 +331,14 @@ def _bent_layout(mask, positions):
     return ref.last_token_mask(mask).float().reshape(-1), torch.zeros(B * T, dtype=torch.long, device=mask.device), 1
 
 
-def fused_linear_batch_probs(hidden, weight, mask, *, bias=None, temperature=1.0, positions="all", chunk_size=None):
+def fused_linear_batch_probs(hidden, weight, mask, *, bias=None, temperature=1.0, positions="all", chunk_size=None,
+                             matmul_dtype=None):
     """`fastrlhf.batch_probs(hidden @ weightᵀ + bias, mask, ...)` without the logits: the `BatchProbs`
     (sums Σ_b m'·softmax(x/τ) and Σ_b m') of hidden [B, T, H], mask [B, T], no gradient. One GEMM pass over
-    the rows that count (the last tokens' only for positions "last")."""
+    the rows that count (the last tokens' only for positions "last"), in the dtype `matmul_dtype` chooses as
+    for `fused_linear_policy_loss` (mixed inputs such as bf16 hidden states with an fp32 weight work)."""
     _check_linear(hidden, weight, bias, chunk_size)
+    dtype = matmul_dtype_for(matmul_dtype, hidden, weight, bias)
     ops._check_temperature(temperature)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected 3 dims [B, T, H], got shape {tuple(hidden.shape)}")
@@ -343,10 +346,10 @@ def fused_linear_batch_probs(hidden, weight, mask, *, bias=None, temperature=1.0
     ops._check_choice("positions", positions, ref.BATCH_ENTROPY_POSITIONS)
     h, m = ref.batch_entropy_rows(hidden.detach(), mask, positions)
     m1, pos, G = _bent_layout(m, "all")
-    h2d = h.reshape(-1, h.shape[-1])
+    h2d, w, b = _cast(dtype, h.reshape(-1, h.shape[-1]), weight.detach(), None if bias is None else bias.detach())
     rows = chunk_size or choose_chunk_size(h2d.shape[0], weight.shape[0], hidden.device)
-    probs = _probs_sums(h2d, weight.detach(), None if bias is None else bias.detach(), m1, pos, G, float(temperature),
-                        rows)
+    with torch.autocast(hidden.device.type, enabled=False):   # the GEMMs run in `dtype`, as the loss's do
+        probs = _probs_sums(h2d, w, b, m1, pos, G, float(temperature), rows)
     return ref.BatchProbs(probs, m.float().sum(0), positions, temperature)
 
 

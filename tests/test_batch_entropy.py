@@ -463,3 +463,25 @@ def test_nan_in_masked_rows_reaches_no_statistic_value_or_gradient(backend, posi
                 assert torch.isfinite(got).all()
                 torch.testing.assert_close(got, clean, atol=1e-6, rtol=1e-5)
             assert (results[1][3][mask == 0] == 0).all()
+
+
+def test_fused_linear_batch_probs_mixed_dtypes_follow_matmul_dtype():
+    """bf16 hidden states with an fp32 weight (autocast's layout): the statistics are those of the promoted
+    fp32 GEMM by default and of the bf16 GEMM with matmul_dtype=bfloat16, against float64 sums of the
+    softmax of the logits computed in that dtype; they feed the mixed-dtype loss."""
+    g = torch.Generator().manual_seed(5)
+    B, T, H, V = 3, 4, 16, 29
+    h = torch.randn(B, T, H, generator=g).to(torch.bfloat16)
+    w = torch.randn(V, H, generator=g) * 0.3
+    mask = _mask(B, T)
+    for dtype in (None, torch.bfloat16):
+        stats = F.fused_linear_batch_probs(h, w, mask, temperature=0.9, matmul_dtype=dtype)
+        x = (h.float() @ w.t()) if dtype is None else (h @ w.to(torch.bfloat16).t())
+        p = torch.softmax(x.double() / 0.9, -1)
+        torch.testing.assert_close(stats.probs.double(), (mask.double()[..., None] * p).sum(0), rtol=1e-5, atol=1e-6)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    z = torch.zeros(B, T)
+    stats = F.fused_linear_batch_probs(h, w, mask, temperature=0.9)
+    loss, out = F.fused_linear_policy_loss(h, w, labels, mask, z, z, z, temperature=0.9, batch_entropy_coef=0.2,
+                                           batch_probs=stats)
+    assert torch.isfinite(loss) and out["batch_entropy"].item() == pytest.approx(stats.entropy().item())
