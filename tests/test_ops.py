@@ -249,3 +249,16 @@ def test_reference_chunking_leaves_values_and_gradients_unchanged(monkeypatch):
         monkeypatch.setattr(ref, "CHUNK_BYTES", chunk_bytes)
         for a, b in zip(everything(), one):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_policy_loss_per_token_outputs_are_detached(backend):
+    """out["logprobs"], out["entropy"], out["kl"] are documented as detached: a trainer that sums them into
+    its loss must not get a second, silent gradient path into the logits."""
+    logits, labels, mask, z = _batch()
+    x = logits.clone().requires_grad_()
+    with ops.use_backend(backend):
+        loss, out = F.policy_loss_from_logits(x, labels, mask, z, z, z, kl_coef=0.1, entropy_coef=0.1)
+    assert loss.requires_grad
+    for k in ("logprobs", "entropy", "kl"):
+        assert not out[k].requires_grad, k
