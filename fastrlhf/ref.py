@@ -117,17 +117,6 @@ def logprobs_and_entropy(logits, labels, *, temperature=1.0, ignore_index=-100):
     return lp.view(labels.shape), ent.view(labels.shape)
 
 
-def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100):
-    return logprobs_and_entropy(logits, labels, temperature=temperature, ignore_index=ignore_index)[0]
-
-
-def token_entropy(logits, *, temperature=1.0, mask=None):
-    """Entropy [...] of softmax(logits/τ); 0 (selected, with a 0 gradient) where the 0/1 mask is 0."""
-    labels = torch.full(logits.shape[:-1], -100, dtype=torch.long, device=logits.device)
-    ent = logprobs_and_entropy(logits, labels, temperature=temperature)[1]
-    return ent if mask is None else torch.where(mask.bool(), ent, 0.0)
-
-
 # ----------------------------------------------------------------------------
 # Per-token losses on [B, T] tensors
 # ----------------------------------------------------------------------------
@@ -732,8 +721,8 @@ def sample_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None
 
 
 __all__ = [
-    "LossConfig", "POLICY_LOSSES", "loss_config", "KL_ESTIMATORS", "LOSS_AGG_MODES", "loss_weights", "masked_mean", "logprobs_and_entropy", "token_logprobs",
-    "token_entropy", "kl_penalty", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_entropy",
+    "LossConfig", "POLICY_LOSSES", "loss_config", "KL_ESTIMATORS", "LOSS_AGG_MODES", "loss_weights", "masked_mean", "logprobs_and_entropy",
+    "kl_penalty", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_entropy",
     "token_loss", "policy_rows", "policy_loss_from_logits", "gae", "whiten", "sample_tokens", "BatchProbs",
     "BATCH_ENTROPY_POSITIONS", "batch_probs",
 ]

@@ -203,7 +203,7 @@ def test_reference_defaults_are_the_public_ops_defaults():
     shared = [n for n in dir(ref) if not n.startswith("_") and callable(getattr(ref, n)) and hasattr(ops, n)
               and inspect.isfunction(getattr(ref, n)) and inspect.isfunction(getattr(ops, n))]
     assert {"logprobs_and_entropy", "ppo_policy_loss", "apa_policy_loss", "value_loss", "batch_probs", "gae",
-            "whiten", "sample_tokens", "kl_penalty", "token_entropy"} <= set(shared)
+            "whiten", "sample_tokens", "kl_penalty", "batch_entropy"} <= set(shared)
     checked = 0
     for name in shared:
         ref_kw = {k: p.default for k, p in inspect.signature(getattr(ref, name)).parameters.items()
