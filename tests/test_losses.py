@@ -220,3 +220,30 @@ def test_gae_reference_matches_float64_loop():
         adv, ret = F.gae(r.float(), v.float(), mask, gamma=gamma, lam=lam)
     torch.testing.assert_close(adv.double(), exp_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ret.double(), (exp_a + v) * mask, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_weights_every_mode_and_normalizer_against_the_formulas():
+    """ref.loss_weights, the one aggregation every loss path uses, against its documented table, with and
+    without a normalizer; a mask of other than 2 dims works for token-mean and is refused for the others."""
+    from fastrlhf import ref
+    m = torch.tensor([[1., 1., 0., 0.], [1., 1., 1., 1.], [0., 0., 0., 0.]])
+    B, T, N, L = 3, 4, 6.0, m.sum(-1).clamp_min(1)[:, None]
+    want = {"token-mean": (m / N, m / 10.0), "seq-mean-token-mean": (m / (L * B), m / (L * 10.0)),
+            "seq-mean-token-sum": (m / B, m / 10.0), "seq-mean-token-sum-norm": (m / T, m / 10.0)}
+    for mode, (plain, normed) in want.items():
+        torch.testing.assert_close(ref.loss_weights(m, mode), plain)
+        torch.testing.assert_close(ref.loss_weights(m, mode, 10.0), normed)
+        if mode == "token-mean":
+            torch.testing.assert_close(ref.loss_weights(m.reshape(-1), mode), (m / N).reshape(-1))
+        else:
+            with pytest.raises(ValueError, match="loss_agg_mode=.* needs 2 dims"):
+                ref.loss_weights(m.reshape(-1), mode)
+    with pytest.raises(ValueError, match="loss_agg_mode: expected one of"):
+        ref.loss_weights(m, "token-sum")
+
+
+def test_whiten_two_valid_tokens_uses_the_unbiased_variance():
+    """Two valid values a, b: (x − mean)/std with the unbiased variance (b − a)²/2 gives ±1/√2."""
+    x = torch.tensor([[3.0, 7.0, float("nan")]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(F.whiten(x, mask), torch.tensor([[-0.5 ** 0.5, 0.5 ** 0.5, 0.0]]))
