@@ -187,6 +187,20 @@ def _accumulate(loss_fn, probs_fn, mask, k, bent, exact=True):
     return total, stats
 
 
+def _logits_fns(xx, labels, mask, adv, old, tau, ent_coef, positions):
+    """`_accumulate`'s (loss_fn, probs_fn) on the logits path: policy_loss_from_logits of the micro-batch's
+    rows of the leaf xx [B, T, V] (old log-probs as the reference too), and its fastrlhf.batch_probs."""
+    def loss_fn(idx, n, coef, stats):
+        return F.policy_loss_from_logits(xx[idx, :n], labels[idx, :n], mask[idx, :n], adv[idx, :n], old[idx, :n],
+                                         old[idx, :n], temperature=tau, entropy_coef=ent_coef,
+                                         batch_entropy_coef=coef, batch_probs=stats)
+
+    def probs_fn(idx, n):
+        return F.batch_probs(xx.detach()[idx, :n], mask[idx, :n], temperature=tau, positions=positions)
+
+    return loss_fn, probs_fn
+
+
 @pytest.mark.parametrize("positions", ["all", "last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_logits_path_micro_batches_equal_the_mini_batch(backend, positions):
@@ -201,17 +215,9 @@ def test_logits_path_micro_batches_equal_the_mini_batch(backend, positions):
 
     def run(k, exact=True):
         xx = x.clone().requires_grad_()
-
-        def loss_fn(idx, n, coef, stats):
-            return F.policy_loss_from_logits(xx[idx, :n], labels[idx, :n], mask[idx, :n], adv[idx, :n], old[idx, :n],
-                                             old[idx, :n], temperature=tau, entropy_coef=ent_coef,
-                                             batch_entropy_coef=coef, batch_probs=stats)
-
-        def probs_fn(idx, n):
-            return F.batch_probs(x[idx, :n], mask[idx, :n], temperature=tau, positions=positions)
-
         with F.use_backend(backend):
-            total, stats = _accumulate(loss_fn, probs_fn, mask, k, bent, exact)
+            total, stats = _accumulate(*_logits_fns(xx, labels, mask, adv, old, tau, ent_coef, positions), mask, k,
+                                       bent, exact)
         return total, xx.grad, stats
 
     for k in (1, 2, 4, 8):
@@ -273,16 +279,7 @@ def test_cuda_micro_batches_equal_the_mini_batch(positions):
     want = _loss_f64(x64, labels, mask, adv, old, tau, ent_coef, bent, positions)
     want.backward()
     xx = x.clone().requires_grad_()
-
-    def loss_fn(idx, n, coef, stats):
-        return F.policy_loss_from_logits(xx[idx, :n], labels[idx, :n], mask[idx, :n], adv[idx, :n], old[idx, :n],
-                                         old[idx, :n], temperature=tau, entropy_coef=ent_coef,
-                                         batch_entropy_coef=coef, batch_probs=stats)
-
-    def probs_fn(idx, n):
-        return F.batch_probs(x[idx, :n], mask[idx, :n], temperature=tau, positions=positions)
-
-    total, _ = _accumulate(loss_fn, probs_fn, mask, 2, bent)
+    total, _ = _accumulate(*_logits_fns(xx, labels, mask, adv, old, tau, ent_coef, positions), mask, 2, bent)
     assert total == pytest.approx(want.item(), abs=1e-3)
     floor = EPS[torch.bfloat16] * x64.grad.abs().max().item()
     assert _max_err(xx.grad, x64.grad) <= 4 * floor
